@@ -40,6 +40,40 @@ def _data_prepare(args: argparse.Namespace) -> None:
     print(f"manifest: {folder / 'manifest.json'}")
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from fed_userllm.runtime import set_threads
+    from fed_userllm.train.centralized import PretrainConfig, pretrain
+
+    set_threads(args.threads)
+    settings = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
+    results = pretrain(PretrainConfig(**settings), args.out, resume=args.resume)
+    print(json.dumps(results, indent=2))
+    print(f"run directory: {args.out}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from fed_userllm.runtime import set_threads
+    from fed_userllm.train.centralized import evaluate_run
+
+    set_threads(args.threads)
+    print(json.dumps(evaluate_run(args.run_dir, args.split, args.mask_seen, args.device), indent=2))
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fed_userllm.privacy.audit import audit
+    from fed_userllm.runtime import atomic_write_bytes
+
+    report = audit(args.run_dir, expected_head_hash=args.head)
+    text, as_json = report.to_text(), report.to_json()
+    print(as_json if args.json else text)
+    if Path(args.run_dir).is_dir():
+        atomic_write_bytes(Path(args.run_dir) / "privacy_audit.json", as_json.encode())
+        atomic_write_bytes(Path(args.run_dir) / "privacy_audit.txt", text.encode())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fed-userllm", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +93,37 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--min-events", type=int, default=3, help="skip users with fewer events (default 3)")
     prep.add_argument("--out", default=None, help="output folder (default: the user cache)")
     prep.set_defaults(func=_data_prepare)
+
+    from fed_userllm.train.centralized import MODEL_NAMES, PretrainConfig
+
+    defaults = PretrainConfig()
+    pre = commands.add_parser("pretrain", help="train a user encoder (or baseline) centrally",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pre.add_argument("--dataset", default=defaults.dataset, help=dataset_help)
+    pre.add_argument("--model", choices=MODEL_NAMES, default=defaults.model)
+    pre.add_argument("--out", required=True, help="run directory (e.g. runs/ar)")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    for name in ("max_len", "d_model", "n_layers", "n_heads", "epochs", "batch_size", "patience", "seed"):
+        pre.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("dropout", "lr", "weight_decay", "warmup_frac"):
+        pre.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    pre.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu or cuda")
+    pre.add_argument("--threads", type=int, default=1, help="torch threads")
+    pre.set_defaults(func=_pretrain)
+
+    ev = commands.add_parser("evaluate", help="full-ranking metrics of a pretraining run's best model")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", choices=("val", "test"), default="test")
+    ev.add_argument("--mask-seen", action="store_true", help="exclude items already in the history from ranking")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--threads", type=int, default=1)
+    ev.set_defaults(func=_evaluate)
+
+    au = commands.add_parser("audit", help="recompute a DP run's epsilon with Opacus RDP and PRV and check its ledger")
+    au.add_argument("run_dir", help="run directory (or its privacy_ledger.jsonl)")
+    au.add_argument("--json", action="store_true", help="print JSON instead of text")
+    au.add_argument("--head", default=None, help="expected ledger head hash, kept outside the run directory")
+    au.set_defaults(func=_audit)
     return parser
 
 
@@ -66,11 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
     try:
-        args.func(args)
-    except DataError as err:
+        return args.func(args) or 0
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

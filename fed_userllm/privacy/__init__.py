@@ -1,0 +1,59 @@
+"""Differential privacy for fed-userllm: Poisson sampling, DP-FedAvg, Opacus accounting, ledger, audit.
+
+Model-agnostic and Flower-agnostic: everything works on lists of numpy arrays / torch tensors.
+"""
+
+from fed_userllm.privacy.accounting import (
+    ACCOUNTANTS,
+    calibrate_noise,
+    default_delta,
+    epsilon,
+    epsilon_from_history,
+    max_rounds_within_budget,
+)
+from fed_userllm.privacy.audit import AuditReport, audit
+from fed_userllm.privacy.dp_fedavg import (
+    DPAggregateStats,
+    aggregate_dp_fedavg,
+    clip_update,
+    l2_norm,
+    model_update,
+    weighted_fedavg,
+)
+from fed_userllm.privacy.ledger import (
+    SAMPLE_LEVEL,
+    USER_LEVEL,
+    LedgerConfig,
+    LedgerError,
+    LedgerMismatchError,
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+    TornLedgerError,
+)
+from fed_userllm.privacy.sampling import poisson_sample
+
+__all__ = [
+    "ACCOUNTANTS",
+    "SAMPLE_LEVEL",
+    "USER_LEVEL",
+    "AuditReport",
+    "DPAggregateStats",
+    "LedgerConfig",
+    "LedgerError",
+    "LedgerMismatchError",
+    "PrivacyBudgetExceeded",
+    "PrivacyLedger",
+    "TornLedgerError",
+    "aggregate_dp_fedavg",
+    "audit",
+    "calibrate_noise",
+    "clip_update",
+    "default_delta",
+    "epsilon",
+    "epsilon_from_history",
+    "l2_norm",
+    "max_rounds_within_budget",
+    "model_update",
+    "poisson_sample",
+    "weighted_fedavg",
+]
