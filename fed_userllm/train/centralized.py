@@ -54,9 +54,9 @@ class PretrainConfig:
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.2
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 5e-3
     weight_decay: float = 1e-3
     warmup_frac: float = 0.05
     patience: int = 5

@@ -1,0 +1,297 @@
+"""Benchmark: User-LLM vs TextPrompt on MovieLens with the frozen embedded SmolLM2-135M (PAPER.md §3-5).
+
+    python benchmarks/userllm.py [--encoder RUN_DIR] [--out runs/bench-userllm] [--quick]
+
+Accuracy: NextItem Recall@1/5/10 and FavGenre Recall@1 of User-LLM (Enc strategy: the LLM frozen; cross-
+attention and soft prompt, with and without Perceiver) against the TextPrompt baselines at history 50
+(TP50-LoRA, TP50-full: the LLM fine-tuned on the history written as text), the untrained User-LLM (zero
+gates: exactly the frozen LLM with the same prompt) and popularity; with trainable parameter counts and
+training time. Every method is evaluated on the same fixed random subset of test users (CPU is slow).
+Efficiency: LLM input tokens per example and measured prefill latency, User-LLM vs TextPrompt, at
+histories of 50, 100 and 200 events.
+
+Without --encoder, an AR encoder is pretrained first (fed_userllm.train.centralized.pretrain). Runs are
+resumable: finished variants are reused when the script is run again with the same --out. Prints one JSON
+object and writes userllm.json and userllm.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fed_userllm.eval.ranking import finalize, ranking_sums, target_ranks  # noqa: E402
+from fed_userllm.models import ARUserEncoder, ARUserEncoderConfig, Popularity, PopularityConfig  # noqa: E402
+from fed_userllm.models.llm import load_llm  # noqa: E402
+from fed_userllm.models.userllm import UserLLM, UserLLMConfig  # noqa: E402
+from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
+from fed_userllm.tasks import FavGenre, NextItem, Task  # noqa: E402
+from fed_userllm.train.centralized import PretrainConfig, pretrain  # noqa: E402
+from fed_userllm.train.contextualize import (  # noqa: E402
+    ContextualizeConfig,
+    contextualize,
+    eval_user_subset,
+    evaluate_model,
+    load_task,
+    load_trainable_state,
+    prepare,
+    trainable_parameters,
+)
+
+VARIANTS = {  # name -> ContextualizeConfig fields (User-LLM variants use the Enc strategy: LLM frozen)
+    "userllm-xattn-perceiver": dict(integration="xattn", perceiver=True),
+    "userllm-xattn": dict(integration="xattn", perceiver=False),
+    "userllm-softprompt-perceiver": dict(integration="softprompt", perceiver=True),
+    "userllm-softprompt": dict(integration="softprompt", perceiver=False),
+    "tp50-lora": dict(integration="text", strategy="lora", text_history_len=50),
+    "tp50-full": dict(integration="text", strategy="full", text_history_len=50),
+}
+BASELINES = ("zero-gate", "popularity")
+QUICK = dict(eval_users=30, steps=40, tp_steps=2, encoder_epochs=3, tasks="nextitem",
+             variants="userllm-xattn-perceiver,userllm-softprompt-perceiver,tp50-lora,zero-gate,popularity",
+             latency_users=2, latency_repeats=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="ml-latest-small")
+    parser.add_argument("--encoder", default=None, help="pretraining run dir (default: pretrain in --out)")
+    parser.add_argument("--encoder-epochs", type=int, default=10)
+    parser.add_argument("--out", default="runs/bench-userllm")
+    parser.add_argument("--tasks", default="nextitem,favgenre")
+    parser.add_argument("--variants", default=",".join([*VARIANTS, *BASELINES]))
+    parser.add_argument("--eval-users", type=int, default=100, help="size of the fixed random user subset")
+    parser.add_argument("--steps", type=int, default=120, help="training steps of each User-LLM variant")
+    parser.add_argument("--tp-steps", type=int, default=8, help="training steps of each TextPrompt baseline")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--latency-users", type=int, default=3, help="users timed per history length")
+    parser.add_argument("--latency-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a small smoke-sized run: " + json.dumps(QUICK))
+    args = parser.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    set_threads(args.threads)
+    out = Path(args.out)
+    started = time.time()
+
+    encoder = args.encoder or str(out / "encoder")
+    if args.encoder is None:
+        pretrain(PretrainConfig(dataset=args.dataset, epochs=args.encoder_epochs, device="cpu"), encoder,
+                 resume=True, progress=False)
+    base = load_llm(None, device="cpu")
+    variants = args.variants.split(",")
+    result = {
+        "dataset": args.dataset,
+        "llm": "SmolLM2-135M-Instruct (embedded GGUF, de-quantized, float32, CPU); frozen except in TP",
+        "protocol": ("each user's last event is the test target and never trained on; NextItem by K=10 "
+                     "constrained beam search over the titles of every item in the training vocabulary; "
+                     "FavGenre by constrained decoding over the genre names"),
+        "evaluated_users": f"a fixed random subset of {args.eval_users} test users (the CPU is slow); the "
+                           "same users for every method",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"encoder": encoder},
+        "accuracy": {},
+    }
+    for task_name in args.tasks.split(","):
+        result["accuracy"][task_name] = accuracy(task_name, variants, encoder, base, args, out / task_name)
+    result["efficiency"] = efficiency(encoder, base, args)
+    result["acceptance"] = acceptance(result)
+    result["seconds"] = round(time.time() - started, 1)
+    atomic_write_json(out / "userllm.json", result)
+    plot(result, out / "userllm.png")
+    print(json.dumps(result, indent=2))
+
+
+def run_config(name: str, task: str, encoder: str, args) -> ContextualizeConfig:
+    """The run settings of a variant; the zero-gate baseline is the untrained xattn + Perceiver model."""
+    fields = {"strategy": "enc", **VARIANTS.get(name, VARIANTS["userllm-xattn-perceiver"])}
+    text = fields["integration"] == "text"
+    steps = args.tp_steps if text else args.steps
+    return ContextualizeConfig(encoder=encoder, dataset=args.dataset, task=task, history_len=50, steps=steps,
+                               batch_size=args.batch_size, lr=args.lr, eval_users=args.eval_users,
+                               eval_batch_size=4 if text else 16, checkpoint_every=steps, device="cpu",
+                               **fields)
+
+
+def cached_eval(model, task: Task, config: ContextualizeConfig, path: Path) -> tuple[dict, float]:
+    """Test metrics on the user subset, stored beside the run so a re-run of the benchmark reuses them."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return saved["metrics"], saved["seconds"]
+    start = time.time()
+    metrics = evaluate_model(model, task, config, "test")
+    atomic_write_json(path, {"metrics": metrics, "seconds": time.time() - start})
+    return metrics, time.time() - start
+
+
+def accuracy(task_name: str, variants: list[str], encoder: str, base, args, out: Path) -> dict:
+    rows = {}
+    for name in variants:
+        config = run_config(name, task_name, encoder, args)
+        if name == "popularity":
+            rows[name] = popularity(load_task(config, base[1]), config) | {"trainable_parameters": 0}
+        elif name == "zero-gate":
+            model, task = prepare(config, base)
+            path = out / f"zero-gate-eval-{args.eval_users}.json"
+            metrics, seconds = cached_eval(model, task, config, path)
+            rows[name] = metrics | {"trainable_parameters": 0, "eval_seconds": round(seconds, 1)}
+        else:
+            cfg = dataclasses.replace(config, eval_users=0)  # evaluated below, on the test split only
+            results = contextualize(cfg, out / name, resume=True, progress=False, base=base)
+            model, task = prepare(cfg, base)  # the same model, rebuilt from the run's final checkpoint
+            state = torch.load(out / name / "checkpoint.pt", map_location="cpu", weights_only=False)
+            load_trainable_state(model, state["trainable"])
+            path = out / name / f"test-eval-{args.eval_users}.json"
+            metrics, seconds = cached_eval(model, task, config, path)
+            rows[name] = metrics | {"trainable_parameters": trainable_parameters(model), "steps": cfg.steps,
+                                    "train_seconds": round(results["train_seconds"], 1),
+                                    "eval_seconds": round(seconds, 1)}
+        rows[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[name].items()}
+        print(f"{task_name} {name}: {rows[name]}", flush=True)
+        gc.collect()
+    return rows
+
+
+def popularity(task: Task, config: ContextualizeConfig) -> dict:
+    """Most-popular baseline on the same users: training item counts (NextItem), or the genre that occurs
+    most over all training events (FavGenre)."""
+    seq = task.seq
+    users = eval_user_subset(seq.num_users, config.eval_users)
+    starts, ends = seq.train_ranges()
+    train = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)])
+    if isinstance(task, NextItem):
+        counts = torch.from_numpy(seq.features["item"][train])
+        model = Popularity(PopularityConfig(seq.vocab_sizes)).fit(counts)
+        batch = seq.eval_batch(users, "test")
+        return finalize(ranking_sums(target_ranks(model.score_items(batch), batch["target_item"])))
+    assert isinstance(task, FavGenre)
+    counts = {g: 0 for g in task.genre_ids}
+    for i in train.tolist():
+        for g in task.genres(i):
+            if g in counts:
+                counts[g] += 1
+    top = task.genre_ids[max(counts, key=counts.get)]
+    spans = task.spans(users, "test", config.history_len)
+    labels = [task.label(s, e) for s, e in spans.tolist()]
+    return {"recall@1": float(np.mean([label == top for label in labels])), "n": float(len(labels))}
+
+
+def efficiency(encoder: str, base, args) -> dict:
+    """Tokens the LLM reads per NextItem example and the measured prefill time (one example, no cache)."""
+    config = run_config("userllm-xattn-perceiver", "nextitem", encoder, args)
+    task = load_task(config, base[1])
+    seq, tok = task.seq, base[1]
+    models = {}
+    for integration in ("xattn", "softprompt"):  # random encoders that accept 200 events: timing only
+        torch.manual_seed(0)
+        enc = ARUserEncoder(ARUserEncoderConfig(vocab_sizes=seq.vocab_sizes, max_len=200))
+        model = UserLLM(UserLLMConfig(integration=integration), enc, copy.deepcopy(base[0]))
+        models[integration] = model.eval()
+    users = np.random.default_rng(0).permutation(seq.num_users)
+    rows = {}
+    for history in (50, 100, 200):
+        spans = task.spans(users, "test", history)
+        spans = spans[spans[:, 1] - spans[:, 0] == history][: max(args.latency_users, 10)]
+        soft = models["softprompt"].config
+        user_llm = [len(tok(task.prompt(s, e))["input_ids"]) for s, e in spans.tolist()]
+        tokens = {
+            "userllm_xattn": user_llm,
+            "userllm_softprompt": [n + soft.num_latents + soft.num_task_prompt_tokens for n in user_llm],
+            "textprompt": [len(tok(task.prompt(s, e, history))["input_ids"]) for s, e in spans.tolist()],
+        }
+        timed, repeats = spans[: args.latency_users], args.latency_repeats
+        latency = {
+            "userllm_xattn": _prefill_ms(models["xattn"], task, timed, history, 0, repeats),
+            "userllm_softprompt": _prefill_ms(models["softprompt"], task, timed, history, 0, repeats),
+            "textprompt": _prefill_ms(base[0], task, timed, history, history, repeats),
+        }
+        mean_tokens = {k: round(float(np.mean(v)), 1) for k, v in tokens.items()}
+        rows[str(history)] = {
+            "users": len(spans), "llm_input_tokens": mean_tokens, "prefill_ms": latency,
+            "token_ratio_tp_vs_xattn": round(mean_tokens["textprompt"] / mean_tokens["userllm_xattn"], 1),
+            "latency_ratio_tp_vs_xattn": round(latency["textprompt"] / latency["userllm_xattn"], 1),
+        }
+        print(f"efficiency history {history}: {rows[str(history)]}", flush=True)
+    rows["note"] = ("tokens: text tokens of the prompt (the soft prompt adds 16 Perceiver tokens + 8 task-"
+                    "prompt tokens as LLM positions; cross-attention reads the 16 user tokens without adding "
+                    "positions). Latency: median wall time of one forward pass over one example (encoder + "
+                    "projection + LLM for User-LLM, random encoder weights), batch 1, CPU, mean over users")
+    return rows
+
+
+@torch.no_grad()
+def _prefill_ms(model, task: Task, spans: np.ndarray, history: int, text_history: int, repeats: int) -> float:
+    per_user = []
+    for s, e in spans.tolist():
+        enc = task.tokenizer(task.prompt(s, e, text_history), return_tensors="pt")
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            if isinstance(model, UserLLM):
+                user = task.seq.gather(np.array([s]), np.array([e]), history)
+                model(user, enc["input_ids"], enc["attention_mask"])
+            else:
+                model(**enc)
+            times.append(1000 * (time.perf_counter() - start))
+        per_user.append(statistics.median(times))
+    return round(float(np.mean(per_user)), 1)
+
+
+def acceptance(result: dict) -> dict:
+    checks = {}
+    rows = result["accuracy"].get("nextitem", {})
+    ours = rows.get("userllm-xattn-perceiver") or rows.get("userllm-xattn")
+    if ours:
+        for other in BASELINES:
+            if other in rows:
+                checks[f"userllm_xattn_beats_{other.replace('-', '_')}_recall@10"] = (
+                    ours["recall@10"] > rows[other]["recall@10"])
+    checks["tp50_tokens_over_userllm_xattn"] = result["efficiency"]["50"]["token_ratio_tp_vs_xattn"]
+    checks["tp50_uses_10x_more_tokens"] = checks["tp50_tokens_over_userllm_xattn"] >= 10
+    return checks
+
+
+def plot(result: dict, path: Path) -> None:
+    tasks = list(result["accuracy"])
+    fig, axes = plt.subplots(1, len(tasks) + 2, figsize=(6 * len(tasks) + 10, 4.5))
+    for ax, task in zip(axes, tasks, strict=False):
+        rows = result["accuracy"][task]
+        metrics = [m for m in ("recall@1", "recall@5", "recall@10") if all(m in r for r in rows.values())]
+        width = 0.8 / len(metrics)
+        for j, metric in enumerate(metrics):
+            ax.bar(np.arange(len(rows)) + j * width, [r[metric] for r in rows.values()], width, label=metric)
+        ticks = np.arange(len(rows)) + width * (len(metrics) - 1) / 2
+        ax.set_xticks(ticks, list(rows), rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{task} (test, {result['settings']['eval_users']} users)")
+        ax.legend(fontsize=8)
+    eff = {int(k): v for k, v in result["efficiency"].items() if k.isdigit()}
+    histories = sorted(eff)
+    for ax, key, label in ((axes[-2], "llm_input_tokens", "LLM input tokens / example"),
+                           (axes[-1], "prefill_ms", "prefill latency (ms, batch 1)")):
+        for method in ("userllm_xattn", "userllm_softprompt", "textprompt"):
+            ax.plot(histories, [eff[h][key][method] for h in histories], marker="o", label=method)
+        ax.set_xlabel("history length (events)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""What both sides of the Flower app share: the model, its wire format, and a client's local work.
+
+Wire format: an ArrayRecord holding the model's trainable ``named_parameters`` (a tied embedding/output
+table is one parameter, so it travels once); nothing else about the model crosses the network. A client's
+local work is training on its own windows (plainly, or with DP-SGD through Opacus) and counting hits on its
+own validation/test targets; both return only aggregate numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from fed_userllm.clients.config import FederatedConfig
+from fed_userllm.data import Partitioner, UserSequences, load_sequences
+from fed_userllm.eval.evaluate import evaluation_sums
+from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS
+from fed_userllm.train.centralized import ENCODERS
+
+
+def build_model(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> torch.nn.Module:
+    """A fresh encoder of ``cfg.model`` (seeded by ``cfg.seed``, so server and tests agree on round 0)."""
+    torch.manual_seed(cfg.seed)
+    model_class, config_class = ENCODERS[cfg.model]
+    dims = {**DEFAULT_FEATURE_DIMS, "item": cfg.item_dim}
+    return model_class(config_class(vocab_sizes=vocab_sizes, max_len=cfg.max_len + 1, d_model=cfg.d_model,
+                                    n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
+                                    feature_dims=dims))
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters that are trained (and so exchanged); shared parameters once, under their first name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def get_arrays(model: torch.nn.Module) -> ArrayRecord:
+    """The model's trainable parameters as an ArrayRecord."""
+    return ArrayRecord({name: Array(p.detach().cpu().numpy()) for name, p in trainable(model).items()})
+
+
+def set_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    """Copy ``arrays`` into the model; names and shapes must match its trainable parameters exactly."""
+    params = trainable(model)
+    if set(arrays.keys()) != set(params):
+        names = set(arrays.keys())
+        raise ValueError(f"arrays do not match the model: missing {sorted(set(params) - names)}, "
+                         f"unexpected {sorted(names - set(params))}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = torch.from_numpy(arrays[name].numpy())
+            if value.shape != p.shape:
+                raise ValueError(f"array {name!r} has shape {tuple(value.shape)}, the model expects "
+                                 f"{tuple(p.shape)}")
+            p.copy_(value)
+
+
+@lru_cache(maxsize=2)
+def load_data(dataset: str, max_len: int) -> UserSequences:
+    """The dataset, loaded once per process (a simulation worker serves many clients)."""
+    return load_sequences(dataset, max_len=max_len)
+
+
+def client_users(cfg: FederatedConfig, seq: UserSequences, partition_id: int) -> np.ndarray:
+    """The user indices this client holds: its partition, and nothing else."""
+    return Partitioner(seq.num_users, cfg.users_per_client, cfg.partition_seed).users(partition_id)
+
+
+@dataclass
+class LocalResult:
+    loss: float  # mean training loss over the non-empty local batches
+    num_examples: int  # training windows held by the client
+    steps: int  # optimizer steps taken
+    sample_rate: float  # DP-SGD Poisson rate (1/batches per epoch); 1.0 without DP-SGD
+
+
+def train_local(model: torch.nn.Module, seq: UserSequences, users: np.ndarray, cfg: FederatedConfig,
+                seed: int, noise_multiplier: float, device: torch.device) -> LocalResult:
+    """Train on the clients' own windows with SGD: ``local_steps`` steps if > 0, else ``local_epochs`` epochs.
+
+    With ``cfg.dp == "sample"`` this is DP-SGD via Opacus (per-window clipping to ``clip_norm``, Gaussian
+    noise, Poisson batches with rate batch_size/windows). Its batches and noise come from a generator
+    seeded by the OS, never by ``seed``: whoever knows the seed could otherwise subtract the noise.
+    """
+    windows = seq.windows(users)
+    if len(windows) == 0:
+        raise ValueError(f"users {users.tolist()} have no training windows (each needs >= 4 events)")
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    total = cfg.local_steps or cfg.local_epochs * math.ceil(len(windows) / cfg.batch_size)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    loader, sample_rate = None, 1.0
+    if cfg.dp == "sample":
+        secret = torch.Generator().manual_seed(secrets.randbits(63))
+        loader = DataLoader(TensorDataset(torch.arange(len(windows))), batch_size=cfg.batch_size,
+                            generator=secret)
+        _, optimizer, loader = PrivacyEngine(accountant=cfg.accountant).make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=cfg.clip_norm, poisson_sampling=True,
+            noise_generator=torch.Generator().manual_seed(secrets.randbits(63)))
+        sample_rate = loader.sample_rate
+    losses, steps = [], 0
+    while steps < total:
+        epoch = loader if loader is not None else _shuffled_batches(len(windows), cfg.batch_size, rng)
+        for (idx,) in epoch:
+            batch = {k: v.to(device) for k, v in seq.training_batch(windows[idx.numpy()]).items()}
+            loss = model.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()  # DP-SGD: an empty Poisson batch still takes its noise-only step
+            steps += 1
+            if len(idx):
+                losses.append(loss.item())
+            if steps == total:
+                break
+    return LocalResult(float(np.mean(losses)) if losses else 0.0, len(windows), steps, sample_rate)
+
+
+def _shuffled_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[tuple[torch.Tensor]]:
+    """One epoch of window indices in random order, in batches (the non-DP loader)."""
+    order = torch.from_numpy(rng.permutation(n))
+    return [(order[i:i + batch_size],) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def evaluate_local(model: torch.nn.Module, seq: UserSequences, users: np.ndarray, split: str,
+                   device: torch.device) -> dict[str, float]:
+    """Summed hit counts (Recall@1/5/10, NDCG@10, FavGenre) and ``n`` over the client's own users."""
+    return evaluation_sums(model.to(device), seq, split, users, device=device)

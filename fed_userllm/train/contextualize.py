@@ -1,0 +1,395 @@
+"""Phase two: contextualize an LLM with a pretrained user encoder on one task (PAPER.md §3-4).
+
+Trains a `UserLLM` (cross-attention or soft prompt; strategies full / lora / enc / proj) or, with
+``integration="text"``, the TextPrompt baseline (the history as text, the LLM fine-tuned fully or with LoRA).
+``text_history_len > 0`` with a User-LLM integration is the long+short variant (AR50TP10: the encoder reads 50
+events, the prompt lists the 10 most recent). AdamW with linear warm-up and cosine decay (the paper: lr 1e-3,
+weight decay 1e-3), batches sampled per step from every training target, so a run is resumable step by step:
+
+    run_dir/config.json      the ContextualizeConfig
+    run_dir/metrics.jsonl    training loss every 10 steps; validation metrics every ``eval_every`` steps
+    run_dir/checkpoint.pt    trainable parameters + optimiser + scheduler + step (written atomically)
+    run_dir/model/           the trained model (UserLLM.save_pretrained, or the LLM / LoRA adapter for TP)
+    run_dir/results.json     validation and test metrics on a fixed random subset of users
+
+The per-client pieces of the federated Enc phase are `Examples`, `local_train_steps`, `trainable_state` and
+`load_trainable_state`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fed_userllm.data import DEFAULT_DATASET, load_sequences
+from fed_userllm.data.reviews import detect_reviews, event_texts, read_reviews, review_sequences
+from fed_userllm.data.sequences import UserSequences
+from fed_userllm.eval.ranking import finalize
+from fed_userllm.models import load_pretrained
+from fed_userllm.models.llm import load_llm
+from fed_userllm.models.userllm import STRATEGIES, UserLLM, UserLLMConfig
+from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device
+from fed_userllm.tasks import TASKS, ReviewG, Task, evaluate, to_device
+from fed_userllm.train.centralized import warmup_cosine
+
+INTEGRATIONS = ("xattn", "softprompt", "text")
+EVAL_SEED = 0  # the evaluation subset of users is the same for every run, so runs are comparable
+LOG_EVERY = 10
+
+
+@dataclass
+class ContextualizeConfig:
+    """Everything a contextualization run depends on (saved as the run's config.json)."""
+
+    encoder: str | None = None  # pretraining run dir (config.json + best/); not used by integration="text"
+    dataset: str | None = None  # None: the encoder run's dataset (ml-latest-small without an encoder)
+    llm: str | None = None  # None = the embedded SmolLM2-135M-Instruct
+    task: str = "nextitem"
+    integration: str = "xattn"  # xattn | softprompt | text (the TextPrompt baseline, no encoder)
+    strategy: str = "enc"
+    perceiver: bool = True
+    num_latents: int = 16
+    history_len: int = 50  # events per example (the encoder's input)
+    text_history_len: int = 0  # most recent events written into the prompt (0 = User-LLM only)
+    review_field: str = "text"  # ReviewG target: "text" or (Amazon) "summary"
+    noun: str | None = None  # how prompts call an item; None: movie / item / place by dataset
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup_frac: float = 0.05
+    max_target_tokens: int = 64
+    eval_users: int = 100  # size of the fixed random user subset evaluated (0 = skip evaluation)
+    eval_batch_size: int = 8  # prompts per beam search; the KV cache grows with prompt length x beams
+    eval_every: int = 0  # validation every N steps (0 = only at the end)
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: expected one of {sorted(TASKS)}")
+        if self.integration not in INTEGRATIONS:
+            raise ValueError(f"integration={self.integration!r}: expected one of {INTEGRATIONS}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
+        for name in ("num_latents", "history_len", "steps", "batch_size", "max_target_tokens",
+                     "eval_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        for name in ("text_history_len", "eval_users", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+        if self.lr <= 0 or not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"lr={self.lr}, warmup_frac={self.warmup_frac}: expected lr > 0, "
+                             "0 <= warmup_frac < 1")
+        if self.text_history_len > self.history_len:
+            raise ValueError(f"text_history_len={self.text_history_len} exceeds history_len="
+                             f"{self.history_len}: the text history is the most recent part of the history")
+        if self.integration == "text":
+            if self.strategy not in ("full", "lora"):
+                raise ValueError(f"strategy={self.strategy!r}: the TextPrompt baseline (integration='text') "
+                                 "has no encoder or projection; expected 'full' or 'lora'")
+            if self.text_history_len != self.history_len:
+                raise ValueError("integration='text' reads only the text history: expected text_history_len "
+                                 f"== history_len, got {self.text_history_len} and {self.history_len}")
+        elif self.encoder is None:
+            raise ValueError(f"integration={self.integration!r} needs encoder= (a pretraining run directory)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ContextualizeConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown contextualize settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------- data and model
+
+
+def _encoder_run(config: ContextualizeConfig) -> dict:
+    path = Path(config.encoder) / "config.json"
+    if not path.is_file() or not (Path(config.encoder) / "best" / "config.json").is_file():
+        raise FileNotFoundError(f"encoder={config.encoder!r}: expected a pretraining run directory with "
+                                "config.json and best/ (from `fed-userllm pretrain --out DIR`)")
+    return json.loads(path.read_text())
+
+
+def load_task(config: ContextualizeConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    """The task over the run's dataset: MovieLens / synthetic through the data layer, review folders here."""
+    run = _encoder_run(config) if config.encoder else {}
+    dataset = config.dataset or run.get("dataset") or DEFAULT_DATASET
+    max_len = run.get("max_len", config.history_len)
+    texts, noun = None, "movie"
+    found = detect_reviews(dataset)
+    if found:
+        data = read_reviews(dataset)
+        seq: UserSequences = review_sequences(data, max_len=max_len)
+        if config.task == "reviewg":
+            texts = event_texts(seq, data, config.review_field)
+        noun = "item" if found[0] == "amazon" else "place"
+    else:
+        seq = load_sequences(dataset, max_len=max_len)
+    noun = config.noun or noun
+    if config.task == "reviewg":
+        if texts is None:
+            raise ValueError(f"task='reviewg' needs review text; dataset {dataset!r} has none (use an Amazon "
+                             "or Google Local review folder)")
+        return ReviewG(seq, tokenizer, texts, noun=noun, max_new_tokens=config.max_target_tokens)
+    return TASKS[config.task](seq, tokenizer, noun=noun)
+
+
+def build_model(config: ContextualizeConfig, seq: UserSequences, llm: PreTrainedModel) -> nn.Module:
+    """A fresh model to train. Takes ownership of ``llm`` (freezes it, may add LoRA or hooks)."""
+    if config.integration == "text":
+        if config.strategy == "lora":
+            lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM")  # as UserLLM's
+            return get_peft_model(llm, lora)
+        return llm.requires_grad_(True)
+    encoder = load_pretrained(Path(config.encoder) / "best", next(llm.parameters()).device)
+    if encoder.config.vocab_sizes != seq.vocab_sizes:
+        raise ValueError(f"encoder vocab sizes {encoder.config.vocab_sizes} differ from the dataset's "
+                         f"{seq.vocab_sizes}: the encoder was pretrained on other data")
+    if config.history_len > encoder.config.max_len:
+        raise ValueError(f"history_len={config.history_len} exceeds the encoder's "
+                         f"max_len={encoder.config.max_len}")
+    user_config = UserLLMConfig(llm=config.llm, integration=config.integration, perceiver=config.perceiver,
+                                num_latents=config.num_latents, strategy=config.strategy)
+    return UserLLM(user_config, encoder, llm)
+
+
+def prepare(config: ContextualizeConfig,
+            base: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> tuple[nn.Module, Task]:
+    """(model, task) for ``config``; ``base`` is an already loaded (LLM, tokenizer) for ``config.llm``,
+    copied so that the caller can build several models from one load."""
+    if base is None:
+        llm, tokenizer = load_llm(config.llm, device=resolve_device(config.device))
+    else:
+        llm, tokenizer = copy.deepcopy(base[0]), base[1]
+    task = load_task(config, tokenizer)
+    return build_model(config, task.seq, llm), task
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------- training steps
+
+
+@dataclass
+class Examples:
+    """Training examples of one task: spans of some users' histories and how a batch is built from them."""
+
+    task: Task
+    spans: np.ndarray  # [N, 2] (start, end) from Task.spans(users, "train", history_len)
+    history_len: int
+    text_history: int = 0
+    max_target_tokens: int = 64
+
+    def sample(self, batch_size: int, seed: int, step: int) -> dict:
+        """The batch of ``step``: a function of (seed, step) only, so resumed runs see the same data."""
+        if len(self.spans) == 0:
+            raise ValueError("no training examples: the users have no training events with a target")
+        rows = np.random.default_rng([seed, step]).integers(len(self.spans), size=batch_size)
+        return self.task.batch(self.spans[rows], self.history_len, self.text_history, self.max_target_tokens)
+
+
+def task_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens, for a UserLLM or a text-only LM."""
+    if isinstance(model, UserLLM):
+        return model(batch["user"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 labels=batch["labels"]).loss
+
+
+def local_train_steps(model: nn.Module, examples: Examples, steps: int, optimizer: torch.optim.Optimizer,
+                      batch_size: int = 8, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                      seed: int = 0, start_step: int = 0, max_grad_norm: float = 1.0,
+                      progress: tqdm | None = None) -> float:
+    """Run ``steps`` optimiser steps (numbered from ``start_step``) and return their mean loss.
+
+    Dropout is seeded per step as well, so the same (seed, steps) give the same parameters however the
+    steps are split across calls (federated rounds, resumed runs).
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    losses = []
+    for step in range(start_step, start_step + steps):
+        torch.manual_seed(seed * 1_000_003 + step)
+        batch = to_device(examples.sample(batch_size, seed, step), device)
+        loss = task_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    return float(np.mean(losses))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (CPU copies): what a federated client sends and receives."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite the trainable parameters from ``state`` (exactly the names of `trainable_state`)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(params):
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"state does not match the trainable parameters: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if state[name].shape != p.shape:
+                raise ValueError(f"state[{name!r}] has shape {tuple(state[name].shape)}, "
+                                 f"expected {tuple(p.shape)}")
+            p.copy_(state[name])
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def eval_user_subset(num_users: int, size: int) -> np.ndarray:
+    """A fixed random subset of ``size`` users (all when size >= num_users), sorted."""
+    if size >= num_users:
+        return np.arange(num_users)
+    return np.sort(np.random.default_rng(EVAL_SEED).choice(num_users, size=size, replace=False))
+
+
+def evaluate_model(model: nn.Module, task: Task, config: ContextualizeConfig, split: str,
+                   num_users: int | None = None, progress: bool = False) -> dict[str, float]:
+    """Mean metrics of ``model`` on ``split`` targets of the fixed user subset (``n`` = examples scored)."""
+    users = eval_user_subset(task.seq.num_users, config.eval_users if num_users is None else num_users)
+    spans = task.spans(users, split, config.history_len)
+    sums = evaluate(model, task, spans, config.history_len, config.text_history_len, config.eval_batch_size,
+                    progress)
+    return finalize(sums)
+
+
+def _check_run_dir(run_dir: Path, config: ContextualizeConfig, resume: bool) -> None:
+    if not (run_dir / "config.json").exists():
+        return
+    if not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
+                              "another --out")
+    saved = json.loads((run_dir / "config.json").read_text())
+    if saved != asdict(config):
+        changed = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
+        raise ValueError(f"{run_dir}/config.json differs from this run's settings {changed}: a resumed run "
+                         "must use the same settings")
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
+    if path.exists():
+        lines = [x for x in path.read_text().splitlines() if json.loads(x)["step"] <= step]
+        path.write_text("".join(x + "\n" for x in lines))
+
+
+def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    """UserLLM: its own format. TextPrompt: the LoRA adapter, or the whole LLM and its tokenizer."""
+    model.save_pretrained(directory)
+    if not isinstance(model, UserLLM | PeftModel):
+        tokenizer.save_pretrained(directory)
+
+
+def load_model(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Task, ContextualizeConfig]:
+    """The trained model of a finished run, its task and its config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "model").is_dir():
+        raise FileNotFoundError(f"{run_dir}: no trained model (expected {run_dir / 'model'}/)")
+    config = ContextualizeConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    target = resolve_device(device)
+    if config.integration == "text" and config.strategy == "full":
+        llm, tokenizer = load_llm(str(run_dir / "model"), device=target)
+        return llm, load_task(config, tokenizer), config
+    llm, tokenizer = load_llm(config.llm, device=target)
+    if config.integration == "text":
+        model: nn.Module = PeftModel.from_pretrained(llm, run_dir / "model")
+    else:
+        frozen = None if config.strategy != "proj" else load_pretrained(Path(config.encoder) / "best", target)
+        model = UserLLM.from_pretrained(run_dir / "model", llm=llm, encoder=frozen)
+    return model.eval(), load_task(config, tokenizer), config
+
+
+def evaluate_llm(run_dir: str | Path, split: str = "test", num_users: int | None = None, device: str = "auto",
+                 progress: bool = True) -> dict[str, float]:
+    """Metrics of a finished run's model on ``split`` for ``num_users`` users (default: its eval_users)."""
+    model, task, config = load_model(run_dir, device)
+    return evaluate_model(model, task, config, split, num_users, progress)
+
+
+def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool = False,
+                  progress: bool = True,
+                  base: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> dict:
+    """Train ``config`` into ``run_dir``; returns results.json (val/test metrics, parameter counts, time)."""
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir, config, resume)
+    torch.manual_seed(config.seed)  # the new projection / cross-attention weights
+    model, task = prepare(config, base)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", asdict(config))
+    examples = Examples(task, task.spans(None, "train", config.history_len), config.history_len,
+                        config.text_history_len, config.max_target_tokens)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_frac))
+    step, seconds = 0, 0.0
+    checkpoint = run_dir / "checkpoint.pt"
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=False)
+        load_trainable_state(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, seconds = state["step"], state["seconds"]
+    _keep_metrics_until(run_dir / "metrics.jsonl", step)
+
+    bar = tqdm(total=config.steps, initial=step, desc=f"{config.integration}/{config.task}",
+               disable=not progress)
+    pending: list[float] = []  # per-step losses since the last log line
+    periods = [p for p in (LOG_EVERY, config.checkpoint_every, config.eval_every) if p]
+    while step < config.steps:
+        n = min(min(p - step % p for p in periods), config.steps - step)  # up to the next log/eval/checkpoint
+        start = time.time()
+        loss = local_train_steps(model, examples, n, optimizer, config.batch_size, scheduler, config.seed,
+                                 step, progress=bar)
+        step, seconds = step + n, seconds + time.time() - start
+        pending += [loss] * n
+        if step % LOG_EVERY == 0 or step == config.steps:
+            append_jsonl(run_dir / "metrics.jsonl", {"step": step, "loss": float(np.mean(pending)),
+                                                     "lr": scheduler.get_last_lr()[0], "seconds": seconds})
+            pending = []
+        if config.eval_every and config.eval_users and step % config.eval_every == 0 and step < config.steps:
+            val = evaluate_model(model, task, config, "val")
+            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **{f"val_{k}": v for k, v in val.items()}})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            state = {"step": step, "seconds": seconds, "trainable": trainable_state(model),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            atomic_torch_save(state, checkpoint)
+    bar.close()
+    save_model(model, task.tokenizer, run_dir / "model")
+    results = {"trainable_parameters": trainable_parameters(model), "train_seconds": seconds,
+               "train_examples": len(examples.spans)}
+    if config.eval_users:
+        for split in ("val", "test"):
+            results[split] = evaluate_model(model, task, config, split, progress=progress)
+    atomic_write_json(run_dir / "results.json", results)
+    return results

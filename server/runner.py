@@ -1,0 +1,451 @@
+"""The ServerApp's phase runner: a resumable round loop with checkpoints, metrics, a privacy ledger and plots.
+
+A `Phase` names the client handlers it drives (``train.<name>`` and ``evaluate.<name>``) and the model it
+trains; `PHASES` maps names to phases and the run config's ``phases`` lists those to run, in order. All
+phases of a run share the run directory, the clients, the strategy settings and ONE privacy ledger, so
+epsilon keeps adding up across phases.
+
+One round, in write-ahead order (nothing is released before it is charged):
+  Poisson cohort -> clients train -> aggregate (DP-FedAvg under user-level DP) -> ledger line ->
+  (every ``eval-every`` rounds) sampled clients score their validation targets -> metrics.jsonl -> checkpoint.
+A crash before the ledger line leaves no trace: the resumed run redoes the round with the same cohort and
+noise. A crash after it makes the resumed run charge the redone round again (over-, never under-counted).
+
+The server never loads user histories: it learns the partition count and vocabulary sizes from one client
+(``query.describe``), and otherwise sees only model tensors and aggregate counts.
+
+Run directory: config.json, metrics.jsonl, checkpoint.pt (latest round, atomic), privacy_ledger.jsonl and
+privacy_report.txt (DP runs), final/ (save_pretrained), results.json (final test metrics), *.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fed_userllm.clients.config import FederatedConfig
+from fed_userllm.clients.task import build_model, get_arrays, set_arrays
+from fed_userllm.eval.ranking import add_sums, finalize
+from fed_userllm.privacy import (
+    SAMPLE_LEVEL,
+    USER_LEVEL,
+    LedgerConfig,
+    LedgerError,
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+    audit,
+    calibrate_noise,
+    default_delta,
+    max_rounds_within_budget,
+)
+from fed_userllm.privacy.ledger import read_ledger
+from fed_userllm.runtime import (
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    set_threads,
+)
+from fed_userllm.server.plots import plot_run
+from fed_userllm.server.strategy import build_strategy, load_strategy_state, strategy_state
+
+# Settings that may differ when resuming (they do not change what is computed).
+RESUMABLE = ("resume", "run_dir", "round_timeout", "max_in_flight", "threads", "device")
+METRIC_ORDER = ("recall@1", "recall@5", "recall@10", "ndcg@10", "fav_genre", "n")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A federated phase: its client handlers (by message type) and the model it trains."""
+
+    name: str
+    build_model: Callable[[FederatedConfig, dict[str, int]], torch.nn.Module]
+    output: str  # folder in the run directory for the phase's final model
+
+    @property
+    def train_type(self) -> str:
+        return f"train.{self.name}"
+
+    @property
+    def evaluate_type(self) -> str:
+        return f"evaluate.{self.name}"
+
+
+PHASES = {"pretrain": Phase("pretrain", build_model, "final")}
+
+
+@dataclass(frozen=True)
+class Federation:
+    """What the server knows about the federation: node ids and the public metadata from ``describe``."""
+
+    nodes: list[int]
+    num_clients: int
+    vocab_sizes: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """The resolved privacy settings of a run (noise multiplier calibrated when a target is set)."""
+
+    mechanism: str | None  # USER_LEVEL, SAMPLE_LEVEL or None
+    noise_multiplier: float
+    delta: float | None
+    max_rounds: int | None  # user-level DP with a target epsilon: rounds the budget affords
+
+
+def run(grid: Grid, cfg: FederatedConfig) -> Path:
+    """Run every phase of ``cfg`` (or resume them) and return the run directory."""
+    set_threads(cfg.threads)
+    run_dir = resolve_run_dir(cfg)
+    federation = describe_federation(grid, cfg)
+    privacy = resolve_privacy(cfg, federation.num_clients)
+    write_or_check_config(run_dir, cfg, federation, privacy)
+    ckpt = _load_checkpoint(run_dir)
+    ledger = open_ledger(run_dir, cfg, federation, privacy, ckpt.get("ledger_head"))
+    state = RunState(grid, cfg, run_dir, federation, privacy, ledger,
+                     cfg.dp_seed or ckpt.get("dp_seed") or secrets.randbits(63), ckpt.get("completed", []))
+    log(INFO, "fed-userllm: run directory %s (%s)", run_dir, "resumed" if ckpt else "new")
+    if not ckpt:
+        state.checkpoint({})  # the secret seed first, so even a crash in round 1 is redone identically
+    log(INFO, "fed-userllm: %d clients, dp=%s, noise multiplier %.4g, delta %s, strategy %s, q=%g",
+        federation.num_clients, cfg.dp, privacy.noise_multiplier, privacy.delta, cfg.strategy,
+        cfg.fraction_train)
+    results = {name: state.run_phase(PHASES[name], ckpt) for name in cfg.phase_names
+               if name not in state.completed}
+    atomic_torch_save({k: v for k, v in _load_checkpoint(run_dir).items() if k != "dp_seed"},
+                      run_dir / "checkpoint.pt")  # done: the secret seed is no longer needed, drop it
+    plots = plot_run(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    log(INFO, "fed-userllm: finished. Run directory: %s", run_dir)
+    log(INFO, "fed-userllm:   metrics  %s (plots: %s)", run_dir / "metrics.jsonl",
+        ", ".join(p.name for p in plots))
+    for name, test in results.items():
+        log(INFO, "fed-userllm:   results  %s [%s, test] %s", run_dir / "results.json", name, _fmt(test))
+    for name in cfg.phase_names:
+        log(INFO, "fed-userllm:   model    %s [%s]", run_dir / PHASES[name].output, name)
+    if state.ledger is not None:
+        report = run_dir / "privacy_report.txt"
+        report.write_text(audit(run_dir).to_text() + "\n")
+        log(INFO, "fed-userllm:   privacy  %s (ledger %s): epsilon %.4g at delta %.3g", report,
+            state.ledger.path, state.ledger.epsilon, privacy.delta)
+    return run_dir
+
+
+@dataclass
+class RunState:
+    """What the phases of one run share: the grid, settings, run directory, federation and privacy ledger."""
+
+    grid: Grid
+    cfg: FederatedConfig
+    run_dir: Path
+    federation: Federation
+    privacy: Privacy
+    ledger: PrivacyLedger | None
+    dp_seed: int  # secret: seeds the Poisson cohorts and the DP noise; kept in the checkpoint only
+    completed: list[str]  # phases finished in this run directory
+
+    def run_phase(self, phase: Phase, ckpt: dict) -> dict[str, float]:
+        """Train ``phase`` for ``num-rounds`` rounds (continuing a checkpoint of it); return test metrics."""
+        cfg = self.cfg
+        model = phase.build_model(cfg, self.federation.vocab_sizes)
+        arrays = get_arrays(model)
+        strategy = build_strategy(cfg, self.dp_seed, self.privacy.noise_multiplier)
+        strategy.message_type = phase.train_type
+        done = 0
+        if ckpt.get("phase") == phase.name:
+            arrays = ArrayRecord({k: Array(v) for k, v in ckpt["arrays"].items()})
+            load_strategy_state(strategy, ckpt["strategy"])
+            done = ckpt["round"]
+            log(INFO, "fed-userllm: resuming phase %s after round %d", phase.name, done)
+        _truncate_metrics(self.run_dir / "metrics.jsonl", phase.name, done)
+        eval_nodes = _eval_nodes(cfg, self.federation.nodes)
+        for rnd in range(done + 1, cfg.num_rounds + 1):
+            if self.ledger is not None and self.ledger.rounds_remaining() == 0:
+                log(WARNING, "fed-userllm: stopping before round %d: target-epsilon=%s is spent", rnd,
+                    cfg.target_epsilon)
+                break
+            began = time.time()
+            outcome = self.train_round(phase, strategy, arrays, rnd)
+            if outcome is None:
+                break
+            arrays, record = outcome
+            if cfg.eval_every and rnd % cfg.eval_every == 0:
+                val, (sent, received) = self.evaluate(phase, arrays, eval_nodes, "val", rnd)
+                record |= {f"val_{k}": v for k, v in val.items()}
+                record["bytes_sent"] += sent
+                record["bytes_received"] += received
+            record["round_seconds"] = time.time() - began
+            append_jsonl(self.run_dir / "metrics.jsonl", record)
+            self.checkpoint({"phase": phase.name, "round": rnd, "strategy": strategy_state(strategy),
+                             "arrays": {k: v.numpy() for k, v in arrays.items()}})
+            log(INFO, "fed-userllm: [%s] round %d/%d: %s", phase.name, rnd, cfg.num_rounds, _fmt(record))
+        set_arrays(model, arrays)
+        model.save_pretrained(self.run_dir / phase.output)
+        test, _ = self.evaluate(phase, arrays, self.federation.nodes, "test", cfg.num_rounds)
+        atomic_write_json(self.run_dir / "results.json",
+                          _read_json(self.run_dir / "results.json") | {phase.name: {"test": test}})
+        log(INFO, "fed-userllm: [%s] final test over %d users: %s", phase.name, int(test["n"]), _fmt(test))
+        self.completed.append(phase.name)
+        self.checkpoint(_load_checkpoint(self.run_dir))
+        return test
+
+    def train_round(self, phase: Phase, strategy, arrays: ArrayRecord,
+                    rnd: int) -> tuple[ArrayRecord, dict] | None:
+        """One training round, charged to the ledger before release; None if the budget refuses it."""
+        dp_sgd_sigma = self.privacy.noise_multiplier if self.cfg.dp == "sample" else 0.0
+        train_config = ConfigRecord({"noise-multiplier": dp_sgd_sigma, "delta": self.privacy.delta or 0.0})
+        messages = list(strategy.configure_train(rnd, arrays, train_config, self.grid))
+        replies = sorted(self.exchange(messages), key=lambda m: m.metadata.src_node_id)  # fixed sum order
+        for r in replies:
+            if r.has_error():
+                log(WARNING, "fed-userllm: round %d: node %d failed: %s", rnd, r.metadata.src_node_id,
+                    r.error.reason)
+        ok = [r for r in replies if not r.has_error()]
+        new_arrays, _ = strategy.aggregate_train(rnd, ok)
+        record = {"phase": phase.name, "round": rnd, "clients_sampled": len(messages),
+                  "clients_succeeded": len(ok), **_train_metrics(ok)}
+        if self.ledger is not None:
+            try:
+                record |= _charge(self.ledger, self.privacy, len(messages), ok)
+            except PrivacyBudgetExceeded as err:
+                log(WARNING, "fed-userllm: round %d is not released: %s", rnd, err)
+                return None
+        if (stats := getattr(strategy, "last_stats", None)) is not None:
+            record |= {"update_norm_mean": float(np.mean(stats.update_norms or [0.0])),
+                       "fraction_clipped": stats.fraction_clipped, "noise_std": stats.noise_std}
+        record |= {"bytes_sent": sum(_payload_bytes(m.content) for m in messages),
+                   "bytes_received": sum(_payload_bytes(r.content) for r in ok)}
+        return (arrays if new_arrays is None else _cast_like(new_arrays, arrays)), record
+
+    def evaluate(self, phase: Phase, arrays: ArrayRecord, nodes: list[int], split: str,
+                 rnd: int) -> tuple[dict[str, float], tuple[int, int]]:
+        """Clients score their own ``split`` targets; the server adds up their hit counts into means."""
+        config = ConfigRecord({"split": split, "server-round": rnd})
+        content = RecordDict({"arrays": arrays, "config": config})
+        messages = [Message(content, dst_node_id=n, message_type=phase.evaluate_type,
+                            group_id=f"{rnd}-{split}") for n in nodes]
+        replies = [r for r in self.exchange(messages) if not r.has_error()]
+        if not replies:
+            raise RuntimeError(f"no client answered the {split} evaluation of round {rnd}")
+        sums: dict[str, float] = {}
+        for reply in replies:
+            sums = add_sums(sums, dict(reply.content["metrics"]))
+        means = dict(sorted(finalize(sums).items(), key=lambda kv: _metric_rank(kv[0])))
+        return means, (sum(_payload_bytes(m.content) for m in messages),
+                       sum(_payload_bytes(r.content) for r in replies))
+
+    def exchange(self, messages: list[Message]) -> list[Message]:
+        """Send ``messages`` and collect the replies, at most ``max-in-flight`` outstanding at a time.
+
+        Flower's simulation engine scans every pending message for every node ten times a second
+        (O(nodes x pending) under one lock), so hundreds of messages in flight across 610 nodes keep the
+        server process busy and starve the client workers; small batches keep the scan cheap.
+        ``round-timeout`` bounds the whole exchange; replies that miss it count as failures.
+        """
+        step = self.cfg.max_in_flight or len(messages) or 1
+        deadline = time.time() + self.cfg.round_timeout
+        replies: list[Message] = []
+        for i in range(0, len(messages), step):
+            remaining = max(0.0, deadline - time.time())
+            replies += self.grid.send_and_receive(messages[i:i + step], timeout=remaining)
+        return replies
+
+    def checkpoint(self, ckpt: dict) -> None:
+        """Atomically replace checkpoint.pt; it also carries the secret seed and the ledger's head hash."""
+        atomic_torch_save({**ckpt, "dp_seed": self.dp_seed, "completed": list(self.completed),
+                           "ledger_head": self.ledger.head_hash if self.ledger is not None else None},
+                          self.run_dir / "checkpoint.pt")
+
+
+def resolve_run_dir(cfg: FederatedConfig) -> Path:
+    """``run-dir`` (default runs/flower-<timestamp> under the working directory); refuse to mix runs."""
+    if not cfg.run_dir and cfg.resume:
+        raise ValueError("resume=true needs run-dir=<the run directory to continue>")
+    path = Path(cfg.run_dir or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+    has_run = (path / "config.json").exists()
+    if has_run and not cfg.resume:
+        raise FileExistsError(f"run-dir={str(path)!r} already holds a run: set resume=true to continue it, "
+                              "or choose another run-dir")
+    if cfg.resume and not has_run:
+        raise FileNotFoundError(f"resume=true but run-dir={str(path)!r} holds no run (no config.json)")
+    return path  # created with config.json, once the federation checks out
+
+
+def describe_federation(grid: Grid, cfg: FederatedConfig) -> Federation:
+    """Node ids, and the partition count and vocabulary sizes from one client; fail if the counts differ."""
+    deadline = time.time() + cfg.round_timeout
+    while not (nodes := sorted(grid.get_node_ids())):
+        if time.time() > deadline:
+            raise RuntimeError(f"no SuperNode connected within round-timeout={cfg.round_timeout}s")
+        time.sleep(1)
+    query = Message(RecordDict(), dst_node_id=nodes[0], message_type="query.describe")
+    replies = list(grid.send_and_receive([query], timeout=cfg.round_timeout))
+    reply = replies[0] if replies else None
+    if reply is None or reply.has_error():
+        reason = "no reply" if reply is None else reply.error.reason
+        raise RuntimeError(f"client {nodes[0]} could not describe dataset={cfg.dataset!r}: {reason}")
+    info = reply.content["federation"]
+    num_clients = int(info["num-clients"])
+    if len(nodes) != num_clients:
+        raise RuntimeError(
+            f"the federation has {len(nodes)} SuperNodes but dataset={cfg.dataset!r} with users-per-client="
+            f"{cfg.users_per_client} defines {num_clients} clients (one SuperNode per partition). Start with "
+            f"`flwr run simulations/movielens --stream --federation-config \"num-supernodes={num_clients}\"`")
+    vocab_sizes = {k.removeprefix("vocab-"): int(v) for k, v in info.items() if k.startswith("vocab-")}
+    return Federation(nodes, num_clients, vocab_sizes)
+
+
+def resolve_privacy(cfg: FederatedConfig, num_clients: int) -> Privacy:
+    """Delta (default 1/N**1.1), the noise multiplier (calibrated to target-epsilon if set), the round budget.
+
+    User-level: calibrated so that all planned rounds (num-rounds per phase) fit the target. Sample-level:
+    calibrated for the worst-case client, one that takes part in every round with full-batch DP-SGD steps
+    (sample rate 1, ``local-steps`` or ``local-epochs`` steps per round); the ledger still refuses any round
+    that would exceed the target.
+    """
+    if cfg.dp == "none":
+        return Privacy(None, 0.0, None, None)
+    delta = cfg.target_delta or default_delta(num_clients)
+    rounds = cfg.num_rounds * len(cfg.phase_names)
+    sigma = cfg.noise_multiplier
+    if cfg.dp == "user":
+        if cfg.target_epsilon:
+            sigma = calibrate_noise(cfg.target_epsilon, delta, cfg.fraction_train, rounds, cfg.accountant)
+            log(INFO, "fed-userllm: noise multiplier calibrated to %.4f for epsilon=%s over %d rounds", sigma,
+                cfg.target_epsilon, rounds)
+        max_rounds = None
+        if cfg.target_epsilon:
+            max_rounds = max_rounds_within_budget(sigma, cfg.fraction_train, delta, cfg.target_epsilon,
+                                                  cfg.accountant)
+        return Privacy(USER_LEVEL, sigma, delta, max_rounds)
+    if cfg.target_epsilon:
+        steps = (cfg.local_steps or cfg.local_epochs) * rounds
+        sigma = calibrate_noise(cfg.target_epsilon, delta, 1.0, steps, cfg.accountant)
+        log(INFO, "fed-userllm: DP-SGD noise multiplier calibrated to %.4f for epsilon=%s", sigma,
+            cfg.target_epsilon)
+    return Privacy(SAMPLE_LEVEL, sigma, delta, None)
+
+
+def open_ledger(run_dir: Path, cfg: FederatedConfig, federation: Federation, privacy: Privacy,
+                checkpoint_head: str | None = None) -> PrivacyLedger | None:
+    """The run's privacy ledger (created, or verified and continued on resume); None without DP.
+
+    On resume the ledger must still hold the line whose hash the checkpoint recorded: a truncated or
+    replaced ledger would silently forget spent budget.
+    """
+    if privacy.mechanism is None:
+        return None
+    ledger = PrivacyLedger(run_dir, LedgerConfig(
+        mechanism=privacy.mechanism, noise_multiplier=privacy.noise_multiplier, clip_norm=cfg.clip_norm,
+        num_clients=federation.num_clients, delta=privacy.delta,
+        sample_rate=cfg.fraction_train if privacy.mechanism == USER_LEVEL else None,
+        accountant=cfg.accountant, target_epsilon=cfg.target_epsilon or None))
+    if checkpoint_head and checkpoint_head not in {e.get("hash") for e in read_ledger(ledger.path).entries}:
+        raise LedgerError(f"{ledger.path} no longer holds the line {checkpoint_head} that checkpoint.pt "
+                          "recorded: the ledger was truncated or replaced, and would understate epsilon")
+    return ledger
+
+
+def write_or_check_config(run_dir: Path, cfg: FederatedConfig, federation: Federation,
+                          privacy: Privacy) -> None:
+    """Write config.json, or on resume check that nothing but `RESUMABLE` settings changed."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
+    resolved = {"mechanism": privacy.mechanism, "noise_multiplier": privacy.noise_multiplier,
+                "delta": privacy.delta, "max_rounds_within_budget": privacy.max_rounds}
+    saved = {"settings": settings, "num_clients": federation.num_clients,
+             "vocab_sizes": federation.vocab_sizes, "privacy": resolved}
+    path = run_dir / "config.json"
+    if path.exists():
+        old = _read_json(path)
+        changed = {k: (old["settings"].get(k), v) for k, v in settings.items() if old["settings"].get(k) != v}
+        if changed or old["num_clients"] != federation.num_clients:
+            raise ValueError(f"{path} was written with other settings {changed} (old, new): a resumed run "
+                             f"must use the same settings; only {', '.join(RESUMABLE)} may change")
+        return
+    atomic_write_json(path, saved)
+
+
+def _charge(ledger: PrivacyLedger, privacy: Privacy, sampled: int, ok: list[Message]) -> dict:
+    """Write the round's ledger line (before anything is released) and return its epsilon figures."""
+    metrics = [r.content["metrics"] for r in ok]
+    steps = None
+    if privacy.mechanism == SAMPLE_LEVEL:
+        steps = {str(int(m["partition-id"])): (float(m["dp-sample-rate"]), int(m["steps"])) for m in metrics}
+    entry = ledger.record_round(sampled, len(ok), steps)
+    figures = {"epsilon": entry["epsilon"], "delta": privacy.delta}
+    if privacy.mechanism == SAMPLE_LEVEL:
+        reported = [float(m["epsilon"]) for m in metrics] or [0.0]
+        figures |= {"client_epsilon_max": entry["client_epsilon"]["max"],
+                    "client_epsilon_mean": entry["client_epsilon"]["mean"],
+                    "reported_epsilon_max": max(reported), "reported_epsilon_mean": float(np.mean(reported))}
+    return figures
+
+
+def _train_metrics(ok: list[Message]) -> dict:
+    """Example-weighted mean client training loss and the total of local examples and steps."""
+    if not ok:
+        return {"train_loss": None, "num_examples": 0}
+    metrics = [r.content["metrics"] for r in ok]
+    n = np.array([m["num-examples"] for m in metrics], dtype=float)
+    return {"train_loss": float(np.average([m["train-loss"] for m in metrics], weights=n)),
+            "num_examples": int(n.sum()), "local_steps": int(sum(m["steps"] for m in metrics))}
+
+
+def _eval_nodes(cfg: FederatedConfig, nodes: list[int]) -> list[int]:
+    """A fixed, seeded sample of ``eval-fraction`` of the nodes for validation during training."""
+    k = max(1, round(cfg.eval_fraction * len(nodes)))
+    chosen = np.random.default_rng([cfg.seed, 2]).choice(len(nodes), size=k, replace=False)
+    return [nodes[i] for i in sorted(chosen)]  # index, never numpy-convert: node ids are unsigned 64-bit
+
+
+def _cast_like(new: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``new`` in the dtypes of ``reference``: FedAdam steps in float64, clients need float32."""
+    return ArrayRecord({k: Array(v.numpy().astype(reference[k].numpy().dtype, copy=False))
+                        for k, v in new.items()})
+
+
+def _metric_rank(name: str) -> tuple[int, str]:
+    """Recall@1/5/10, NDCG@10, FavGenre, n first (log order), then anything else by name."""
+    return (METRIC_ORDER.index(name) if name in METRIC_ORDER else len(METRIC_ORDER), name)
+
+
+def _payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records (array data plus metric/config values)."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def _truncate_metrics(path: Path, phase: str, last_round: int) -> None:
+    """Drop metrics lines of rounds after the checkpoint (written before a crash, redone on resume)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if not (json.loads(line)["phase"] == phase and json.loads(line)["round"]
+                                           > last_round)]
+    if len(keep) != len(lines):
+        atomic_write_bytes(path, "".join(keep).encode())
+
+
+def _load_checkpoint(run_dir: Path) -> dict:
+    path = run_dir / "checkpoint.pt"
+    return torch.load(path, weights_only=False) if path.exists() else {}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _fmt(values: dict) -> str:
+    keep = {k: v for k, v in values.items() if k not in ("phase", "round") and not isinstance(v, dict)}
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
+                    for k, v in keep.items())

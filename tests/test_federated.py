@@ -1,0 +1,373 @@
+"""The Flower app in-process: client replies, aggregation, DP-SGD accounting, resume, bad configs, run dir.
+
+`InProcessGrid` is a real ``flwr.serverapp.Grid`` whose nodes run the real ClientApp in this process (one
+Context per node, like the simulation engine keeps), so the ServerApp's round loop runs unchanged.
+"""
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from fed_userllm.clients.app import app as client_app
+from fed_userllm.clients.config import PHASE_NAMES, FederatedConfig
+from fed_userllm.clients.task import build_model, get_arrays, load_data
+from fed_userllm.eval.evaluate import evaluation_sums
+from fed_userllm.eval.ranking import finalize
+from fed_userllm.models import load_pretrained
+from fed_userllm.privacy import LedgerError, audit
+from fed_userllm.server.runner import PHASES, run
+from fed_userllm.server.strategy import build_strategy
+
+APP = Path(__file__).parents[1] / "simulations" / "movielens"
+DEFAULTS = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+USERS = 12
+NODE0 = 1 << 63  # real node ids are random unsigned 64-bit integers
+TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
+        "n-layers": 1, "n-heads": 2, "item-dim": 8, "num-rounds": 2, "batch-size": 4, "lr": 0.5,
+        "eval-every": 1, "eval-fraction": 0.5, "dp-seed": 7}
+
+
+def run_config(tmp_path: Path, **overrides) -> dict:
+    """The app's default run config with tiny settings and ``overrides`` (kebab-case keys via ``_``)."""
+    return {**DEFAULTS, **TINY, "run-dir": str(tmp_path / "run"),
+            **{k.replace("_", "-"): v for k, v in overrides.items()}}
+
+
+class InProcessGrid(Grid):
+    """Node NODE0 + 7i holds partition i; after ``crash_after`` train messages it raises (a server crash)."""
+
+    def __init__(self, config: dict, num_nodes: int = USERS, crash_after: int | None = None) -> None:
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        self.contexts = {NODE0 + 7 * i: Context(run_id=1, node_id=NODE0 + 7 * i, state=RecordDict(),
+                                                run_config=config,
+                                                node_config={"partition-id": i, "num-partitions": num_nodes})
+                         for i in range(num_nodes)}
+        self.crash_after = crash_after
+        self.sent: list[Message] = []
+        self.batches: list[int] = []  # messages per send_and_receive call
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError("send_and_receive runs the ClientApp directly")
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError("send_and_receive runs the ClientApp directly")
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        self.batches.append(len(messages))
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            trained = sum(m.metadata.message_type.startswith("train") for m in self.sent)
+            if self.crash_after is not None and trained > self.crash_after:
+                raise KeyboardInterrupt("server crashed mid-round")
+            try:
+                replies.append(client_app(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as err:  # what the simulation engine does with a failing ClientApp
+                replies.append(Message(Error(code=1, reason=repr(err)), reply_to=message))
+        return replies
+
+
+def call_client(config: dict, message_type: str, content: RecordDict, partition: int = 0,
+                state: RecordDict | None = None) -> Message:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": partition, "num-partitions": USERS},
+                      state=state if state is not None else RecordDict(), run_config=config)
+    return client_app(Message(content, dst_node_id=5, message_type=message_type), context)
+
+
+def global_model(config: dict) -> torch.nn.Module:
+    cfg = FederatedConfig.from_run_config(config)
+    return build_model(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes)
+
+
+def train_content(model: torch.nn.Module, noise_multiplier: float = 0.0, delta: float = 1e-3) -> RecordDict:
+    return RecordDict({"arrays": get_arrays(model), "config": ConfigRecord(
+        {"server-round": 1, "noise-multiplier": noise_multiplier, "delta": delta})})
+
+
+def is_scalar(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@pytest.mark.parametrize("dp", ["none", "user", "sample"])
+def test_train_reply_holds_only_the_model_parameters_and_scalar_counts(tmp_path, dp):
+    config = run_config(tmp_path, dp=dp)
+    model = global_model(config)
+    reply = call_client(config, "train.pretrain", train_content(model, noise_multiplier=1.0))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics"}
+    assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
+    assert not content.config_records
+    params = dict(model.named_parameters())
+    arrays = content["arrays"]
+    assert set(arrays.keys()) == set(params)  # exactly the parameters: the tied item table travels once
+    assert "unembed.item.weight" not in arrays.keys()
+    assert all(tuple(arrays[k].shape) == tuple(p.shape) for k, p in params.items())
+    metrics = content["metrics"]
+    expected = {"num-examples", "train-loss", "steps"}
+    if dp == "sample":
+        expected |= {"partition-id", "dp-sample-rate", "epsilon"}
+    assert set(metrics.keys()) == expected
+    assert all(is_scalar(v) for v in metrics.values())  # no lists: nothing per window or per item
+    seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
+    assert metrics["num-examples"] == len(seq.windows(np.array([0])))
+    assert not any(np.array_equal(arrays[k].numpy(), p.detach().numpy()) for k, p in params.items()
+                   if p.requires_grad and k.startswith("embed.item"))  # it trained
+
+
+def test_evaluate_and_describe_replies_are_aggregate_counts(tmp_path):
+    config = run_config(tmp_path)
+    model = global_model(config)
+    config_record = ConfigRecord({"split": "test", "server-round": 1})
+    content = RecordDict({"arrays": get_arrays(model), "config": config_record})
+    reply = call_client(config, "evaluate.pretrain", content, partition=3)
+    assert set(reply.content.keys()) == {"metrics"}
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) <= {"recall@1", "recall@5", "recall@10", "ndcg@10", "n", "fav_genre"}
+    assert metrics["n"] == 1 and all(is_scalar(v) and 0 <= v <= 1 for v in metrics.values())
+    described = call_client(config, "query.describe", RecordDict()).content["federation"]
+    seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
+    assert dict(described) == {"num-clients": USERS, **{f"vocab-{k}": v for k, v in seq.vocab_sizes.items()}}
+
+
+def test_client_rejects_a_partition_outside_the_data(tmp_path):
+    with pytest.raises(ValueError, match=f"num-supernodes={USERS}"):
+        call_client(run_config(tmp_path), "train.pretrain", train_content(global_model(run_config(tmp_path))),
+                    partition=USERS)
+
+
+def client_round(config: dict, q: float, dp: str, noise_multiplier: float = 0.0, clip_norm: float = math.inf,
+                 strategy: str = "fedavg"):
+    """One configured + aggregated training round of the real strategy over an InProcessGrid."""
+    cfg = FederatedConfig.from_run_config({**config, "fraction-train": q, "dp": dp, "noise-multiplier": 1.0,
+                                           "strategy": strategy})
+    strategy = build_strategy(cfg, seed=3, noise_multiplier=noise_multiplier)
+    if dp == "user":
+        strategy.clip_norm = clip_norm
+    strategy.message_type = "train.pretrain"
+    grid = InProcessGrid(config)
+    arrays = get_arrays(global_model(config))
+    train_config = ConfigRecord({"noise-multiplier": 0.0, "delta": 0.0})
+    messages = strategy.configure_train(1, arrays, train_config, grid)
+    replies = grid.send_and_receive(messages)
+    new, _ = strategy.aggregate_train(1, replies)
+    return arrays, replies, new
+
+
+def test_fedavg_round_is_the_example_weighted_mean_of_client_models(tmp_path):
+    arrays, replies, new = client_round(run_config(tmp_path), q=1.0, dp="none")
+    assert len(replies) == USERS  # q = 1: everybody
+    weights = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=float)
+    assert len(set(weights)) > 1  # unequal client sizes, so weighting matters
+    for key in arrays.keys():
+        stacked = np.stack([r.content["arrays"][key].numpy() for r in replies])
+        expected = np.tensordot(weights / weights.sum(), stacked, axes=1)
+        np.testing.assert_allclose(new[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_user_dp_round_without_noise_is_the_uniform_mean_over_the_expected_cohort(tmp_path):
+    q = 0.5
+    arrays, replies, new = client_round(run_config(tmp_path), q=q, dp="user", noise_multiplier=0.0)
+    assert 0 < len(replies) < USERS and len(replies) != q * USERS  # the realised cohort is not q*N here
+    for key in arrays.keys():
+        base = arrays[key].numpy().astype(np.float64)
+        deltas = sum(r.content["arrays"][key].numpy() - base for r in replies)
+        np.testing.assert_allclose(new[key].numpy(), base + deltas / (q * USERS), rtol=1e-5, atol=1e-6)
+
+
+def test_fedadam_takes_its_adam_step_on_the_dp_average(tmp_path):
+    q, eta, tau = 0.5, DEFAULTS["server-lr"], 1e-3
+    arrays, replies, new = client_round(run_config(tmp_path), q=q, dp="user", strategy="fedadam")
+    eta_norm = eta * math.sqrt(1 - 0.99 ** 2) / (1 - 0.9 ** 2)  # Adam's bias correction in round 1
+    for key in arrays.keys():
+        base = arrays[key].numpy().astype(np.float64)
+        average = sum(r.content["arrays"][key].numpy() - base for r in replies) / (q * USERS)
+        m, v = 0.1 * average, 0.01 * average ** 2  # first moments after one step (beta1=0.9, beta2=0.99)
+        np.testing.assert_allclose(new[key].numpy(), base + eta_norm * m / (np.sqrt(v) + tau), rtol=1e-4,
+                                   atol=1e-6)
+
+
+def test_poisson_cohorts_are_seeded_and_vary_in_size(tmp_path):
+    config = run_config(tmp_path)
+    cfg = FederatedConfig.from_run_config({**config, "fraction-train": 0.5})
+    grid = InProcessGrid(config)
+
+    def cohorts(seed: int) -> list[list[int]]:
+        strategy = build_strategy(cfg, seed, 1.0)
+        rounds = [strategy.configure_train(r, ArrayRecord(), ConfigRecord(), grid) for r in range(1, 6)]
+        return [sorted(m.metadata.dst_node_id for m in messages) for messages in rounds]
+
+    assert cohorts(1) == cohorts(1) != cohorts(2)
+    assert len({len(c) for c in cohorts(1)}) > 1
+
+
+def test_sample_level_dp_reports_finite_epsilon_growing_with_steps(tmp_path):
+    model = global_model(run_config(tmp_path))
+    eps = {}
+    for steps in (1, 4):
+        config = run_config(tmp_path, dp="sample", local_steps=steps)
+        reply = call_client(config, "train.pretrain", train_content(model, noise_multiplier=1.0), partition=2)
+        eps[steps] = reply.content["metrics"]["epsilon"]
+        assert reply.content["metrics"]["steps"] == steps
+    assert 0 < eps[1] < eps[4] < math.inf
+    state = RecordDict()  # the node's local state: a second round adds to the same history
+    config = run_config(tmp_path, dp="sample", local_steps=1)
+    first, second = (call_client(config, "train.pretrain", train_content(model, 1.0), 2, state)
+                     .content["metrics"]["epsilon"] for _ in range(2))
+    assert first == pytest.approx(eps[1]) and second > first
+
+
+def ledger_rounds(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in ("time", "hash")} for line in lines[1:]]
+
+
+def test_resume_after_an_interrupted_round_matches_an_uninterrupted_run(tmp_path):
+    common = {"dp": "user", "fraction-train": 0.5, "num-rounds": 3, "eval-every": 2}
+    whole = run_config(tmp_path / "whole", **common)
+    run(InProcessGrid(whole), FederatedConfig.from_run_config(whole))
+
+    broken = run_config(tmp_path / "broken", **common)
+    grid = InProcessGrid(broken, crash_after=8)  # dies during round 2 (round 1 sends ~6 train messages)
+    with pytest.raises(KeyboardInterrupt):
+        run(grid, FederatedConfig.from_run_config(broken))
+    run_dir = Path(broken["run-dir"])
+    assert 1 <= len(ledger_rounds(run_dir)) < 3 and not (run_dir / "final").exists()
+    resumed = {**broken, "resume": True}
+    run(InProcessGrid(resumed), FederatedConfig.from_run_config(resumed))
+
+    assert ledger_rounds(run_dir) == ledger_rounds(Path(whole["run-dir"]))
+    spent = [r["epsilon"] for r in ledger_rounds(run_dir)]
+    assert spent == sorted(spent) and len(spent) == 3
+    a = load_file(run_dir / "final" / "model.safetensors")
+    b = load_file(Path(whole["run-dir"]) / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]
+    assert audit(run_dir).ok
+
+
+def test_resume_refuses_a_ledger_that_lost_charged_rounds(tmp_path):
+    config = run_config(tmp_path, dp="user", fraction_train=1.0, num_rounds=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(InProcessGrid(config, crash_after=USERS + 2), FederatedConfig.from_run_config(config))
+    ledger = Path(config["run-dir"]) / "privacy_ledger.jsonl"
+    header = ledger.read_text().splitlines(keepends=True)[0]
+    ledger.write_text(header)  # a valid chain, but round 1 (in the checkpoint) is gone
+    resumed = {**config, "resume": True}
+    with pytest.raises(LedgerError, match="truncated or replaced"):
+        run(InProcessGrid(resumed), FederatedConfig.from_run_config(resumed))
+
+
+def test_run_directory_holds_config_metrics_checkpoint_model_ledger_and_plots(tmp_path):
+    config = run_config(tmp_path, dp="user", strategy="fedadam", target_epsilon=20.0)
+    run_dir = run(InProcessGrid(config), FederatedConfig.from_run_config(config))
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["num_clients"] == USERS and saved["settings"]["strategy"] == "fedadam"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        assert {"train_loss", "epsilon", "delta", "round_seconds", "bytes_sent", "bytes_received",
+                "val_recall@10", "val_ndcg@10", "clients_sampled"} <= set(record)
+        assert record["bytes_sent"] > 0 and record["epsilon"] <= 20.0
+    assert saved["privacy"]["noise_multiplier"] != DEFAULTS["noise-multiplier"]  # calibrated to the target
+    assert records[-1]["epsilon"] == pytest.approx(20.0, rel=0.05)  # all planned rounds spend ~ the budget
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert "dp_seed" not in ckpt  # the run is complete: the secret seed is gone
+    assert {v.dtype for v in ckpt["arrays"].values()} == {np.dtype(np.float32)}  # not FedAdam's float64
+    model = load_pretrained(run_dir / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    results = json.loads((run_dir / "results.json").read_text())["pretrain"]["test"]
+    seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
+    central = finalize(evaluation_sums(model, seq, "test"))  # what a server holding all histories would get
+    assert results == pytest.approx(central) and results["n"] == USERS
+    report = audit(run_dir)
+    assert report.ok and len(report.rounds) == 2
+    assert (run_dir / "metrics.png").stat().st_size > 0 and (run_dir / "epsilon.png").stat().st_size > 0
+    assert "Result: OK" in (run_dir / "privacy_report.txt").read_text()
+
+
+def test_a_finished_run_directory_is_not_overwritten(tmp_path):
+    config = run_config(tmp_path, dp="none", num_rounds=1, eval_every=0)
+    run(InProcessGrid(config), FederatedConfig.from_run_config(config))
+    with pytest.raises(FileExistsError, match="resume=true"):
+        run(InProcessGrid(config), FederatedConfig.from_run_config(config))
+    changed = {**config, "resume": True, "lr": 0.1}
+    with pytest.raises(ValueError, match="'lr'"):
+        run(InProcessGrid(changed), FederatedConfig.from_run_config(changed))
+
+
+def test_every_configurable_phase_has_a_runner_phase_and_client_handlers():
+    assert set(PHASES) == set(PHASE_NAMES)
+    for phase in PHASES.values():
+        for message_type in (phase.train_type, phase.evaluate_type):
+            category, action = message_type.split(".")
+            assert f"{category}.{action}" in client_app._registered_funcs
+
+
+def test_messages_go_out_in_batches_of_max_in_flight(tmp_path):
+    config = run_config(tmp_path, dp="none", fraction_train=1.0, num_rounds=1, eval_every=1,
+                        eval_fraction=1.0, max_in_flight=5)
+    grid = InProcessGrid(config)
+    run(grid, FederatedConfig.from_run_config(config))
+    assert grid.batches == [1] + [5, 5, 2] * 3  # describe, then train, validation and test of 12 clients
+    metrics = (Path(config["run-dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(metrics[0])["clients_succeeded"] == USERS
+
+
+def test_server_refuses_a_federation_with_the_wrong_number_of_nodes(tmp_path):
+    config = run_config(tmp_path)
+    with pytest.raises(RuntimeError, match=f'num-supernodes={USERS}'):
+        run(InProcessGrid(config, num_nodes=2), FederatedConfig.from_run_config(config))
+    assert not Path(config["run-dir"]).exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("key,value", [
+    ("fraction-train", 1.5), ("fraction-train", 0.0), ("noise-multiplier", -1.0), ("clip-norm", 0.0),
+    ("strategy", "fedsgd"), ("dp", "both"), ("dataset", "no-such-dataset"), ("model", "gpt"),
+    ("phases", "pretrain,finetune"), ("accountant", "gdp"), ("num-rounds", 0), ("lr", "fast"),
+    ("target-delta", 1.0), ("d-model", 31),
+])
+def test_bad_settings_fail_fast_naming_the_setting(tmp_path, key, value):
+    with pytest.raises(ValueError, match=f"^{key}="):
+        FederatedConfig.from_run_config(run_config(tmp_path, **{key: value}))
+
+
+def test_unknown_and_missing_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match="learning-rate"):
+        FederatedConfig.from_run_config({**run_config(tmp_path), "learning-rate": 0.1})
+    config = run_config(tmp_path)
+    del config["clip-norm"]
+    with pytest.raises(ValueError, match="clip-norm"):
+        FederatedConfig.from_run_config(config)
+
+
+def test_user_dp_needs_noise_or_a_target(tmp_path):
+    with pytest.raises(ValueError, match="^noise-multiplier="):
+        FederatedConfig.from_run_config(run_config(tmp_path, dp="user", noise_multiplier=0.0))
+    config = run_config(tmp_path, dp="user", noise_multiplier=0.0, target_epsilon=5.0)
+    cfg = FederatedConfig.from_run_config(config)
+    assert cfg.target_epsilon == 5.0
