@@ -274,3 +274,18 @@ def test_run_folders_and_refusals(run, tmp_path):
     with pytest.raises(ValueError, match="quantize='int4'"):
         export_encoder(run, tmp_path / "out", quantize="int4")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_and_embed(run, seq, float_dir, tmp_path, capsys):
+    from fed_userllm.cli import main
+
+    start, val = int(seq.offsets[0]), int(seq.target_index(np.array([0]), "val")[0])
+    csv = write_csv(tmp_path / "h.csv", seq, start, val)
+    assert main(["embed", "--artifact", str(float_dir), "--history", str(csv), "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["shape"][1] == 16
+    assert '"encoder_hash"' in capsys.readouterr().out
+    (tmp_path / "bad.csv").write_text("movieId,rating,timestamp\n1,x,5\n")
+    assert main(["embed", "--artifact", str(float_dir), "--history", str(tmp_path / "bad.csv")]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")]) == 2
+    assert not (tmp_path / "a").exists()
