@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import gc
 import json
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 import matplotlib
@@ -56,13 +57,14 @@ VARIANTS = {  # name -> ContextualizeConfig fields (User-LLM variants use the En
     "userllm-xattn": dict(integration="xattn", perceiver=False),
     "userllm-softprompt-perceiver": dict(integration="softprompt", perceiver=True),
     "userllm-softprompt": dict(integration="softprompt", perceiver=False),
-    "tp50-lora": dict(integration="text", strategy="lora", text_history_len=50),
-    "tp50-full": dict(integration="text", strategy="full", text_history_len=50),
+    "tp50-lora": dict(integration="text", strategy="lora", text_history_len=50, lr=1e-3),
+    "tp50-full": dict(integration="text", strategy="full", text_history_len=50, lr=1e-4),
 }
 BASELINES = ("zero-gate", "popularity")
-QUICK = dict(eval_users=30, steps=40, tp_steps=2, encoder_epochs=3, tasks="nextitem",
-             variants="userllm-xattn-perceiver,userllm-softprompt-perceiver,tp50-lora,zero-gate,popularity",
-             latency_users=2, latency_repeats=2)
+QUICK = dict(eval_users=40, steps=60, fav_steps=30, tp_steps=1, encoder_epochs=3, latency_users=1,
+             latency_repeats=2, variants="userllm-xattn-perceiver,userllm-softprompt-perceiver,tp50-lora,"
+             "zero-gate,popularity")
+_BASE = None  # the base LLM of a worker process, loaded once
 
 
 def main() -> None:
@@ -74,28 +76,37 @@ def main() -> None:
     parser.add_argument("--tasks", default="nextitem,favgenre")
     parser.add_argument("--variants", default=",".join([*VARIANTS, *BASELINES]))
     parser.add_argument("--eval-users", type=int, default=100, help="size of the fixed random user subset")
-    parser.add_argument("--steps", type=int, default=120, help="training steps of each User-LLM variant")
-    parser.add_argument("--tp-steps", type=int, default=8, help="training steps of each TextPrompt baseline")
+    parser.add_argument("--steps", type=int, default=120, help="NextItem training steps of User-LLM variants")
+    parser.add_argument("--fav-steps", type=int, default=60, help="FavGenre steps of User-LLM variants")
+    parser.add_argument("--tp-steps", type=int, default=2, help="training steps of each TextPrompt baseline")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-2, help="User-LLM learning rate (TP: see VARIANTS)")
     parser.add_argument("--latency-users", type=int, default=3, help="users timed per history length")
     parser.add_argument("--latency-repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="processes (one run each, in parallel)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--quick", action="store_true", help="a small smoke-sized run: " + json.dumps(QUICK))
     args = parser.parse_args()
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
     set_threads(args.threads)
-    out = Path(args.out)
     started = time.time()
-
-    encoder = args.encoder or str(out / "encoder")
-    if args.encoder is None:
-        pretrain(PretrainConfig(dataset=args.dataset, epochs=args.encoder_epochs, device="cpu"), encoder,
+    args.encoder = args.encoder or str(Path(args.out) / "encoder")
+    if not (Path(args.encoder) / "best").is_dir():
+        pretrain(PretrainConfig(dataset=args.dataset, epochs=args.encoder_epochs, device="cpu"), args.encoder,
                  resume=True, progress=False)
-    base = load_llm(None, device="cpu")
-    variants = args.variants.split(",")
+    tasks, variants = args.tasks.split(","), args.variants.split(",")
+    order = sorted(variants, key=lambda v: COST.get(v, 0), reverse=True)  # longest first: better packing
+    jobs = [("accuracy", t, v) for v in order for t in tasks] + [("efficiency", "nextitem", "")]
+    rows: dict = {}
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=set_threads,
+                             initargs=(args.threads,)) as pool:
+        futures = [pool.submit(run_job, kind, task, name, args) for kind, task, name in jobs]
+        for future in as_completed(futures):
+            kind, task, name, row = future.result()
+            rows[(kind, task, name)] = row
+            print(f"{kind} {task} {name}: {json.dumps(row)}", flush=True)
     result = {
         "dataset": args.dataset,
         "llm": "SmolLM2-135M-Instruct (embedded GGUF, de-quantized, float32, CPU); frozen except in TP",
@@ -103,27 +114,41 @@ def main() -> None:
                      "constrained beam search over the titles of every item in the training vocabulary; "
                      "FavGenre by constrained decoding over the genre names"),
         "evaluated_users": f"a fixed random subset of {args.eval_users} test users (the CPU is slow); the "
-                           "same users for every method",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"encoder": encoder},
-        "accuracy": {},
+                           "same users for every method; stderr = binomial standard error of recall",
+        "settings": vars(args),
+        "accuracy": {t: {v: rows[("accuracy", t, v)] for v in variants} for t in tasks},
+        "efficiency": rows[("efficiency", "nextitem", "")],
     }
-    for task_name in args.tasks.split(","):
-        result["accuracy"][task_name] = accuracy(task_name, variants, encoder, base, args, out / task_name)
-    result["efficiency"] = efficiency(encoder, base, args)
     result["acceptance"] = acceptance(result)
     result["seconds"] = round(time.time() - started, 1)
+    out = Path(args.out)
     atomic_write_json(out / "userllm.json", result)
     plot(result, out / "userllm.png")
     print(json.dumps(result, indent=2))
 
 
-def run_config(name: str, task: str, encoder: str, args) -> ContextualizeConfig:
+COST = {"tp50-full": 6, "tp50-lora": 5, "userllm-softprompt": 4, "userllm-softprompt-perceiver": 3,
+        "userllm-xattn": 2, "userllm-xattn-perceiver": 2, "zero-gate": 1}
+
+
+def run_job(kind: str, task: str, name: str, args) -> tuple[str, str, str, dict]:
+    """One unit of work in a worker process: a variant's training + evaluation, or the efficiency study."""
+    global _BASE
+    if _BASE is None:
+        _BASE = load_llm(None, device="cpu")
+    if kind == "efficiency":
+        return kind, task, name, efficiency(_BASE, args)
+    row = evaluate_variant(task, name, _BASE, args)
+    return kind, task, name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def run_config(name: str, task: str, args) -> ContextualizeConfig:
     """The run settings of a variant; the zero-gate baseline is the untrained xattn + Perceiver model."""
-    fields = {"strategy": "enc", **VARIANTS.get(name, VARIANTS["userllm-xattn-perceiver"])}
+    fields = {"strategy": "enc", "lr": args.lr, **VARIANTS.get(name, VARIANTS["userllm-xattn-perceiver"])}
     text = fields["integration"] == "text"
-    steps = args.tp_steps if text else args.steps
-    return ContextualizeConfig(encoder=encoder, dataset=args.dataset, task=task, history_len=50, steps=steps,
-                               batch_size=args.batch_size, lr=args.lr, eval_users=args.eval_users,
+    steps = args.tp_steps if text else args.fav_steps if task == "favgenre" else args.steps
+    return ContextualizeConfig(encoder=args.encoder, dataset=args.dataset, task=task, history_len=50,
+                               steps=steps, batch_size=args.batch_size, eval_users=args.eval_users,
                                eval_batch_size=4 if text else 16, checkpoint_every=steps, device="cpu",
                                **fields)
 
@@ -139,32 +164,30 @@ def cached_eval(model, task: Task, config: ContextualizeConfig, path: Path) -> t
     return metrics, time.time() - start
 
 
-def accuracy(task_name: str, variants: list[str], encoder: str, base, args, out: Path) -> dict:
-    rows = {}
-    for name in variants:
-        config = run_config(name, task_name, encoder, args)
-        if name == "popularity":
-            rows[name] = popularity(load_task(config, base[1]), config) | {"trainable_parameters": 0}
-        elif name == "zero-gate":
-            model, task = prepare(config, base)
-            path = out / f"zero-gate-eval-{args.eval_users}.json"
-            metrics, seconds = cached_eval(model, task, config, path)
-            rows[name] = metrics | {"trainable_parameters": 0, "eval_seconds": round(seconds, 1)}
-        else:
-            cfg = dataclasses.replace(config, eval_users=0)  # evaluated below, on the test split only
-            results = contextualize(cfg, out / name, resume=True, progress=False, base=base)
-            model, task = prepare(cfg, base)  # the same model, rebuilt from the run's final checkpoint
-            state = torch.load(out / name / "checkpoint.pt", map_location="cpu", weights_only=False)
-            load_trainable_state(model, state["trainable"])
-            path = out / name / f"test-eval-{args.eval_users}.json"
-            metrics, seconds = cached_eval(model, task, config, path)
-            rows[name] = metrics | {"trainable_parameters": trainable_parameters(model), "steps": cfg.steps,
-                                    "train_seconds": round(results["train_seconds"], 1),
-                                    "eval_seconds": round(seconds, 1)}
-        rows[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[name].items()}
-        print(f"{task_name} {name}: {rows[name]}", flush=True)
-        gc.collect()
-    return rows
+def with_stderr(metrics: dict) -> dict:
+    key = "recall@10" if "recall@10" in metrics else "recall@1"
+    return metrics | {f"{key}_stderr": float(np.sqrt(metrics[key] * (1 - metrics[key]) / metrics["n"]))}
+
+
+def evaluate_variant(task_name: str, name: str, base, args) -> dict:
+    out = Path(args.out) / task_name
+    config = run_config(name, task_name, args)
+    if name == "popularity":
+        return with_stderr(popularity(load_task(config, base[1]), config)) | {"trainable_parameters": 0}
+    if name == "zero-gate":
+        model, task = prepare(config, base)
+        metrics, seconds = cached_eval(model, task, config, out / f"zero-gate-eval-{args.eval_users}.json")
+        return with_stderr(metrics) | {"trainable_parameters": 0, "eval_seconds": seconds}
+    run_settings = dataclasses.replace(config, eval_users=0)  # evaluated below, on the test split only
+    results = contextualize(run_settings, out / name, resume=True, progress=False, base=base)
+    model, task = prepare(run_settings, base)  # the trained model, rebuilt from the run's final checkpoint
+    state = torch.load(out / name / "checkpoint.pt", map_location="cpu", weights_only=False)
+    load_trainable_state(model, state["trainable"])
+    del state
+    metrics, seconds = cached_eval(model, task, config, out / name / f"test-eval-{args.eval_users}.json")
+    return with_stderr(metrics) | {"trainable_parameters": trainable_parameters(model), "steps": config.steps,
+                                   "lr": config.lr, "train_seconds": results["train_seconds"],
+                                   "eval_seconds": seconds}
 
 
 def popularity(task: Task, config: ContextualizeConfig) -> dict:
@@ -191,9 +214,9 @@ def popularity(task: Task, config: ContextualizeConfig) -> dict:
     return {"recall@1": float(np.mean([label == top for label in labels])), "n": float(len(labels))}
 
 
-def efficiency(encoder: str, base, args) -> dict:
+def efficiency(base, args) -> dict:
     """Tokens the LLM reads per NextItem example and the measured prefill time (one example, no cache)."""
-    config = run_config("userllm-xattn-perceiver", "nextitem", encoder, args)
+    config = run_config("userllm-xattn-perceiver", "nextitem", args)
     task = load_task(config, base[1])
     seq, tok = task.seq, base[1]
     models = {}

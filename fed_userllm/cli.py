@@ -135,7 +135,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, config_class, skip: 
             parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
                                 help="true/false")
         else:
-            parser.add_argument(flag, type=type(default) if default is not None else str, default=default)
+            kind = type(default) if default is not None else next(
+                (t for t in (float, int) if t.__name__ in str(field.type)), str)
+            parser.add_argument(flag, type=kind, default=default)
 
 
 

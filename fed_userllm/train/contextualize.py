@@ -66,6 +66,7 @@ class ContextualizeConfig:
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-3
+    encoder_lr: float | None = None  # None: lr; lower keeps a pretrained encoder while new layers learn fast
     weight_decay: float = 1e-3
     warmup_frac: float = 0.05
     max_target_tokens: int = 64
@@ -90,6 +91,8 @@ class ContextualizeConfig:
         for name in ("text_history_len", "eval_users", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+        if self.encoder_lr is not None and self.encoder_lr < 0:
+            raise ValueError(f"encoder_lr={self.encoder_lr}: expected >= 0 (or None for lr)")
         if self.lr <= 0 or not 0 <= self.warmup_frac < 1:
             raise ValueError(f"lr={self.lr}, warmup_frac={self.warmup_frac}: expected lr > 0, "
                              "0 <= warmup_frac < 1")
@@ -183,6 +186,18 @@ def prepare(config: ContextualizeConfig,
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def make_optimizer(model: nn.Module, config: ContextualizeConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the encoder's at ``encoder_lr`` when that is set."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    encoder = [p for n, p in named if n.startswith("encoder.")]
+    rest = [p for n, p in named if not n.startswith("encoder.")]
+    groups = [{"params": rest, "lr": config.lr}]
+    if encoder:
+        lr = config.lr if config.encoder_lr is None else config.encoder_lr
+        groups.append({"params": encoder, "lr": lr})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
 # --------------------------------------------------------------------------------------------- training steps
@@ -349,8 +364,7 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
     atomic_write_json(run_dir / "config.json", asdict(config))
     examples = Examples(task, task.spans(None, "train", config.history_len), config.history_len,
                         config.text_history_len, config.max_target_tokens)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_frac))
     step, seconds = 0, 0.0
     checkpoint = run_dir / "checkpoint.pt"
