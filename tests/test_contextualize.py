@@ -19,6 +19,7 @@ from fed_userllm.train.contextualize import (
     evaluate_llm,
     load_trainable_state,
     local_train_steps,
+    make_optimizer,
     prepare,
     trainable_state,
 )
@@ -36,7 +37,7 @@ def runs(tmp_path_factory):
     """A pretrained tiny encoder run and a tiny LLM folder, shared by the tests of this module."""
     root = tmp_path_factory.mktemp("runs")
     settings = PretrainConfig(dataset=DATA, max_len=10, d_model=16, n_layers=1, n_heads=2, epochs=1,
-                              batch_size=32, device="cpu")
+                              batch_size=32, dropout=0.0, device="cpu")
     pretrain(settings, root / "enc", progress=False)
     return {"encoder": str(root / "enc"), "llm": save_tiny_llm(root / "llm")}
 
@@ -142,12 +143,13 @@ def test_federated_building_blocks(runs):
     start = trainable_state(model)
     assert set(start) == set(model.trainable_parameter_names())
 
-    def train(steps_per_call: list[int]) -> dict:
+    def train(steps_per_call: list[int], micro: int | None = None) -> dict:
         load_trainable_state(model, start)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         step, losses = 0, []
         for n in steps_per_call:
-            loss = local_train_steps(model, examples, n, optimizer, batch_size=4, seed=7, start_step=step)
+            loss = local_train_steps(model, examples, n, optimizer, batch_size=4, seed=7, start_step=step,
+                                     micro_batch_size=micro)
             losses.append(loss)
             step += n
         assert all(np.isfinite(losses))
@@ -155,6 +157,8 @@ def test_federated_building_blocks(runs):
 
     once, split = train([4]), train([1, 3])  # the same steps, split across calls (rounds)
     assert all(torch.equal(once[k], split[k]) for k in once)
+    micro = train([4], micro=1)  # gradient accumulation over 4 micro-batches: the same steps
+    assert all(torch.allclose(once[k], micro[k], atol=1e-5) for k in once)
     assert any(not torch.equal(once[k], start[k]) for k in once)
     with pytest.raises(ValueError, match="missing"):
         load_trainable_state(model, {k: v for k, v in start.items() if "projection" not in k})
@@ -163,7 +167,20 @@ def test_federated_building_blocks(runs):
         load_trainable_state(model, start | {name: torch.zeros(1)})
 
 
+def test_encoder_learning_rate_group(runs):
+    model, _ = prepare(config(runs))
+    optimizer = make_optimizer(model, config(runs, encoder_lr=1e-4))
+    new, encoder = optimizer.param_groups
+    assert new["lr"] == 1e-2 and encoder["lr"] == 1e-4
+    assert sum(p.numel() for g in (new, encoder) for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in model.encoder.parameters()}
+    assert len(make_optimizer(model, config(runs)).param_groups[1]["params"]) == len(encoder["params"])
+
+
 def test_bad_settings_are_named(runs):
+    with pytest.raises(ValueError, match="encoder_lr=-1"):
+        ContextualizeConfig(encoder="x", encoder_lr=-1)
     with pytest.raises(ValueError, match="task='rating'"):
         ContextualizeConfig(encoder="x", task="rating")
     with pytest.raises(ValueError, match="needs encoder="):

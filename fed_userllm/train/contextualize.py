@@ -40,6 +40,7 @@ from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import STRATEGIES, UserLLM, UserLLMConfig
 from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device
 from fed_userllm.tasks import TASKS, ReviewG, Task, evaluate, to_device
+from fed_userllm.tasks.tasks import IGNORE
 from fed_userllm.train.centralized import warmup_cosine
 
 INTEGRATIONS = ("xattn", "softprompt", "text")
@@ -65,6 +66,7 @@ class ContextualizeConfig:
     noun: str | None = None  # how prompts call an item; None: movie / item / place by dataset
     steps: int = 300
     batch_size: int = 8
+    micro_batch_size: int = 0  # > 0: accumulate gradients over micro-batches of this size (saves memory)
     lr: float = 1e-3
     encoder_lr: float | None = None  # None: lr; lower keeps a pretrained encoder while new layers learn fast
     weight_decay: float = 1e-3
@@ -88,7 +90,7 @@ class ContextualizeConfig:
                      "eval_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
-        for name in ("text_history_len", "eval_users", "eval_every"):
+        for name in ("text_history_len", "micro_batch_size", "eval_users", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
         if self.encoder_lr is not None and self.encoder_lr < 0:
@@ -213,12 +215,16 @@ class Examples:
     text_history: int = 0
     max_target_tokens: int = 64
 
-    def sample(self, batch_size: int, seed: int, step: int) -> dict:
-        """The batch of ``step``: a function of (seed, step) only, so resumed runs see the same data."""
+    def sample(self, batch_size: int, seed: int, step: int,
+               micro_batch_size: int | None = None) -> list[dict]:
+        """The batch of ``step`` (a function of (seed, step) only, so resumed runs see the same data), as
+        micro-batches of at most ``micro_batch_size`` examples (one batch when None)."""
         if len(self.spans) == 0:
             raise ValueError("no training examples: the users have no training events with a target")
         rows = np.random.default_rng([seed, step]).integers(len(self.spans), size=batch_size)
-        return self.task.batch(self.spans[rows], self.history_len, self.text_history, self.max_target_tokens)
+        size = micro_batch_size or batch_size
+        return [self.task.batch(self.spans[rows[i:i + size]], self.history_len, self.text_history,
+                                self.max_target_tokens) for i in range(0, batch_size, size)]
 
 
 def task_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -232,11 +238,13 @@ def task_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 def local_train_steps(model: nn.Module, examples: Examples, steps: int, optimizer: torch.optim.Optimizer,
                       batch_size: int = 8, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                       seed: int = 0, start_step: int = 0, max_grad_norm: float = 1.0,
-                      progress: tqdm | None = None) -> float:
+                      micro_batch_size: int | None = None, progress: tqdm | None = None) -> float:
     """Run ``steps`` optimiser steps (numbered from ``start_step``) and return their mean loss.
 
     Dropout is seeded per step as well, so the same (seed, steps) give the same parameters however the
-    steps are split across calls (federated rounds, resumed runs).
+    steps are split across calls (federated rounds, resumed runs). With ``micro_batch_size`` the gradients
+    of micro-batches are accumulated, weighted by their target tokens: the same step at a fraction of the
+    activation memory (long TextPrompt prompts need it).
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -244,15 +252,19 @@ def local_train_steps(model: nn.Module, examples: Examples, steps: int, optimize
     losses = []
     for step in range(start_step, start_step + steps):
         torch.manual_seed(seed * 1_000_003 + step)
-        batch = to_device(examples.sample(batch_size, seed, step), device)
-        loss = task_loss(model, batch)
+        parts = [to_device(b, device) for b in examples.sample(batch_size, seed, step, micro_batch_size)]
+        targets = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in parts]  # what the LM loss averages
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for batch, n in zip(parts, targets, strict=True):
+            part = task_loss(model, batch) * (n / sum(targets))
+            part.backward()
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        losses.append(loss.item())
+        losses.append(loss)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
@@ -384,7 +396,7 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
         n = min(min(p - step % p for p in periods), config.steps - step)  # up to the next log/eval/checkpoint
         start = time.time()
         loss = local_train_steps(model, examples, n, optimizer, config.batch_size, scheduler, config.seed,
-                                 step, progress=bar)
+                                 step, micro_batch_size=config.micro_batch_size or None, progress=bar)
         step, seconds = step + n, seconds + time.time() - start
         pending += [loss] * n
         if step % LOG_EVERY == 0 or step == config.steps:
