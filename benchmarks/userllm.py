@@ -23,8 +23,6 @@ import dataclasses
 import json
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 import matplotlib
@@ -63,9 +61,8 @@ VARIANTS = {  # name -> ContextualizeConfig fields (User-LLM variants use the En
 }
 BASELINES = ("zero-gate", "popularity")
 QUICK = dict(eval_users=40, steps=60, fav_steps=30, tp_steps=1, encoder_epochs=3, latency_users=1,
-             latency_repeats=2, variants="userllm-xattn-perceiver,userllm-softprompt-perceiver,tp50-lora,"
-             "zero-gate,popularity")
-_BASE = None  # the base LLM of a worker process, loaded once
+             latency_repeats=2, variants="userllm-xattn-perceiver,zero-gate,popularity,tp50-lora,"
+             "userllm-softprompt-perceiver")
 
 
 def main() -> None:
@@ -85,30 +82,32 @@ def main() -> None:
     parser.add_argument("--encoder-lr", type=float, default=1e-4, help="User-LLM pretrained encoder")
     parser.add_argument("--latency-users", type=int, default=3, help="users timed per history length")
     parser.add_argument("--latency-repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2, help="processes (one run each, in parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--quick", action="store_true", help="a small smoke-sized run: " + json.dumps(QUICK))
     args = parser.parse_args()
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    if args.quick:  # QUICK replaces the defaults; options given on the command line still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     set_threads(args.threads)
     started = time.time()
-    args.encoder = args.encoder or str(Path(args.out) / "encoder")
-    if not (Path(args.encoder) / "best").is_dir():
-        pretrain(PretrainConfig(dataset=args.dataset, epochs=args.encoder_epochs, device="cpu"), args.encoder,
-                 resume=True, progress=False)
+    encoder_results = None
+    if args.encoder is None:  # pretrain (or resume / reuse a finished run) inside --out
+        args.encoder = str(Path(args.out) / "encoder")
+        encoder_results = pretrain(PretrainConfig(dataset=args.dataset, epochs=args.encoder_epochs, device="cpu"),
+                                   args.encoder, resume=True, progress=False)
+        print(f"encoder {args.encoder}: {json.dumps(encoder_results)}", flush=True)
     tasks, variants = args.tasks.split(","), args.variants.split(",")
-    order = sorted(variants, key=lambda v: COST.get(v, 0), reverse=True)  # longest first: better packing
-    jobs = [("accuracy", t, v) for v in order for t in tasks] + [("efficiency", "nextitem", "")]
-    rows: dict = {}
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=set_threads,
-                             initargs=(args.threads,)) as pool:
-        futures = [pool.submit(run_job, kind, task, name, args) for kind, task, name in jobs]
-        for future in as_completed(futures):
-            kind, task, name, row = future.result()
-            rows[(kind, task, name)] = row
-            print(f"{kind} {task} {name}: {json.dumps(row)}", flush=True)
+    unknown = sorted(set(variants) - set(VARIANTS) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; known: {[*VARIANTS, *BASELINES]}")
+    base = load_llm(None, device="cpu")  # loaded once; every model trains on its own copy
+    accuracy: dict = {t: {} for t in tasks}
+    for name in variants:
+        for task in tasks:
+            print(f"{time.strftime('%H:%M:%S')} {task} {name} ...", flush=True)
+            row = evaluate_variant(task, name, base, args)
+            accuracy[task][name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+            print(f"accuracy {task} {name}: {json.dumps(accuracy[task][name])}", flush=True)
     result = {
         "dataset": args.dataset,
         "llm": "SmolLM2-135M-Instruct (embedded GGUF, de-quantized, float32, CPU); frozen except in TP",
@@ -118,8 +117,9 @@ def main() -> None:
         "evaluated_users": f"a fixed random subset of {args.eval_users} test users (the CPU is slow); the "
                            "same users for every method; stderr = binomial standard error of recall",
         "settings": vars(args),
-        "accuracy": {t: {v: rows[("accuracy", t, v)] for v in variants} for t in tasks},
-        "efficiency": rows[("efficiency", "nextitem", "")],
+        "encoder": encoder_results or f"given: {args.encoder}",
+        "accuracy": accuracy,
+        "efficiency": efficiency(base, args),
     }
     result["acceptance"] = acceptance(result)
     result["seconds"] = round(time.time() - started, 1)
@@ -127,21 +127,6 @@ def main() -> None:
     atomic_write_json(out / "userllm.json", result)
     plot(result, out / "userllm.png")
     print(json.dumps(result, indent=2))
-
-
-COST = {"tp50-full": 6, "tp50-lora": 5, "userllm-softprompt": 4, "userllm-softprompt-perceiver": 3,
-        "userllm-xattn": 2, "userllm-xattn-perceiver": 2, "zero-gate": 1}
-
-
-def run_job(kind: str, task: str, name: str, args) -> tuple[str, str, str, dict]:
-    """One unit of work in a worker process: a variant's training + evaluation, or the efficiency study."""
-    global _BASE
-    if _BASE is None:
-        _BASE = load_llm(None, device="cpu")
-    if kind == "efficiency":
-        return kind, task, name, efficiency(_BASE, args)
-    row = evaluate_variant(task, name, _BASE, args)
-    return kind, task, name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def run_config(name: str, task: str, args) -> ContextualizeConfig:
@@ -260,10 +245,12 @@ def efficiency(base, args) -> dict:
             "latency_ratio_tp_vs_xattn": round(latency["textprompt"] / latency["userllm_xattn"], 1),
         }
         print(f"efficiency history {history}: {rows[str(history)]}", flush=True)
-    rows["note"] = ("tokens: text tokens of the prompt (the soft prompt adds 16 Perceiver tokens + 8 task-"
-                    "prompt tokens as LLM positions; cross-attention reads the 16 user tokens without adding "
-                    "positions). Latency: median wall time of one forward pass over one example (encoder + "
-                    "projection + LLM for User-LLM, random encoder weights), batch 1, CPU, mean over users")
+    soft = models["softprompt"].config
+    rows["note"] = (f"tokens: text tokens of the prompt (the soft prompt adds {soft.num_latents} Perceiver tokens + "
+                    f"{soft.num_task_prompt_tokens} task-prompt tokens as LLM positions; cross-attention reads the "
+                    f"{soft.num_latents} user tokens without adding positions). Latency: median wall time of one "
+                    "forward pass over one example after one warm-up call (encoder + projection + LLM for User-LLM, "
+                    "random encoder weights), batch 1, CPU, mean over users")
     return rows
 
 
@@ -273,7 +260,7 @@ def _prefill_ms(model, task: Task, spans: np.ndarray, history: int, text_history
     for s, e in spans.tolist():
         enc = task.tokenizer(task.prompt(s, e, text_history), return_tensors="pt")
         times = []
-        for _ in range(repeats):
+        for _ in range(repeats + 1):  # the first call warms up (allocations, lazy init) and is not counted
             start = time.perf_counter()
             if isinstance(model, UserLLM):
                 user = task.seq.gather(np.array([s]), np.array([e]), history)
@@ -281,7 +268,7 @@ def _prefill_ms(model, task: Task, spans: np.ndarray, history: int, text_history
             else:
                 model(**enc)
             times.append(1000 * (time.perf_counter() - start))
-        per_user.append(statistics.median(times))
+        per_user.append(statistics.median(times[1:]))
     return round(float(np.mean(per_user)), 1)
 
 

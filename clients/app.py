@@ -5,7 +5,12 @@ Handlers by message type (``<category>.<phase>``), so later phases add their own
 - ``query.describe``: public federation metadata (partition count and vocabulary sizes), see `describe`;
 - ``train.pretrain``: train the received encoder on the client's own windows; reply with the new parameters
   and counts;
-- ``evaluate.pretrain``: score the client's own validation or test targets; reply with hit counts.
+- ``evaluate.pretrain``: score the client's own validation or test targets; reply with hit counts;
+- ``train.contextualize``: a few local steps of the User-LLM's trainable part (encoder + projection +
+  cross-attention) on the client's own task examples, the LLM frozen and never sent; reply with exactly
+  those tensors and counts (`fed_userllm.clients.contextualize`);
+- ``evaluate.contextualize``: the task metrics (e.g. NextItem by constrained beam search) on the client's
+  own validation or test targets; reply with hit counts.
 
 Replies carry model tensors (an ArrayRecord of exactly the model's parameters) and one MetricRecord of
 scalar counts and means. No item id, window, history or per-example value ever leaves the client.
@@ -20,7 +25,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed_userllm.clients import contextualize
 from fed_userllm.clients.config import FederatedConfig
+from fed_userllm.clients.faults import inject_faults
 from fed_userllm.clients.task import (
     build_model,
     client_users,
@@ -38,7 +45,7 @@ from fed_userllm.runtime import resolve_device, set_threads
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-app = ClientApp()
+app = ClientApp(mods=[inject_faults])  # fault-rate > 0 makes clients fail (tests, benchmarks)
 
 
 class _Client:
@@ -105,6 +112,33 @@ def evaluate_pretrain(message: Message, context: Context) -> Message:
     client = _Client(context)
     split = str(message.content["config"]["split"])
     sums = evaluate_local(client.model(message), client.seq, client.users, split, client.device)
+    return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=message)
+
+
+@app.train("contextualize")
+def train_contextualize(message: Message, context: Context) -> Message:
+    """Local steps on the client's own task examples; reply: the trainable tensors + {num-examples,
+    train-loss, steps}."""
+    client = _Client(context)
+    cfg, config = client.cfg.for_phase("contextualize"), message.content["config"]
+    model = contextualize.shared_userllm(cfg, client.seq.vocab_sizes).model
+    set_arrays(model, message.content["arrays"])
+    seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), client.partition_id, 1])
+               .generate_state(1)[0])
+    loss, examples = contextualize.train_local(model, contextualize.client_task(cfg), client.users, cfg, seed)
+    metrics = {"num-examples": examples, "train-loss": loss, "steps": cfg.local_steps}
+    return Message(RecordDict({"arrays": get_arrays(model), "metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+@app.evaluate("contextualize")
+def evaluate_contextualize(message: Message, context: Context) -> Message:
+    """Task metric sums and ``n`` on the client's own ``split`` targets (constrained decoding, all titles)."""
+    client = _Client(context)
+    cfg = client.cfg.for_phase("contextualize")
+    model = contextualize.shared_userllm(cfg, client.seq.vocab_sizes).model
+    set_arrays(model, message.content["arrays"])
+    sums = contextualize.evaluate_local(model, contextualize.client_task(cfg), client.users,
+                                        str(message.content["config"]["split"]), cfg)
     return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=message)
 
 

@@ -10,17 +10,21 @@ source of truth, and a missing key is an error.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from fed_userllm.data import DEFAULT_DATASET
 from fed_userllm.data.download import VARIANTS
 from fed_userllm.train.centralized import ENCODERS
 
-PHASE_NAMES = ("pretrain",)
+PHASE_NAMES = ("pretrain", "contextualize")
+LLM_TASKS = ("nextitem", "favgenre")  # ReviewG needs review text, which the Flower app's data layer does not load
+LLM_INTEGRATIONS = ("xattn", "softprompt")
 STRATEGIES = ("fedavg", "fedadam")
 DP_MODES = ("none", "user", "sample")
 ACCOUNTANTS = ("rdp", "prv")
+FAULT_KINDS = ("error", "hang")
+SHORT_ROUND_POLICIES = ("retry", "skip", "stop")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,18 @@ class FederatedConfig:
     n_heads: int
     item_dim: int
     dropout: float
+    encoder: str  # contextualize without pretrain in this run: the pretrained encoder to start from
+    llm: str  # the contextualize phase's frozen LLM: "smollm2" (embedded), an HF id or a local path
+    llm_task: str
+    llm_integration: str
+    llm_xattn_ffn: bool  # a gated feed-forward after each cross-attention block (most of the exchanged tensors)
+    llm_rounds: int
+    llm_fraction_train: float  # q of the contextualize phase
+    llm_local_steps: int
+    llm_batch_size: int
+    llm_lr: float  # client AdamW learning rate in the contextualize phase
+    llm_server_lr: float  # FedAdam's server learning rate in the contextualize phase
+    llm_eval_fraction: float  # share of clients in the contextualize phase's validation and final test
     num_rounds: int
     fraction_train: float  # q: each client joins a round independently with this probability (Poisson)
     local_epochs: int
@@ -55,6 +71,7 @@ class FederatedConfig:
     dp_seed: int  # 0: a secret seed from the OS for cohort sampling and DP noise
     eval_every: int  # evaluate on validation targets every k rounds (0: only the final test evaluation)
     eval_fraction: float  # share of clients in an intermediate validation evaluation
+    test_fraction: float  # share of clients in the final test evaluation (1: every client)
     seed: int
     threads: int
     device: str
@@ -62,6 +79,10 @@ class FederatedConfig:
     resume: bool
     round_timeout: float  # seconds to wait for a round's replies
     max_in_flight: int  # messages outstanding at once (0: all of a round at once)
+    max_failure_fraction: float  # a round with more failed clients than this share of its cohort is short
+    on_short_round: str  # retry (a new cohort, twice at most, then stop) | skip (no update) | stop
+    fault_rate: float  # injected faults: the chance that a sampled client fails (tests, benchmarks)
+    fault_kind: str  # error (the client raises before replying) | hang (it answers after round-timeout)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> FederatedConfig:
@@ -100,6 +121,8 @@ class FederatedConfig:
         check(self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}")
         check(self.dp in DP_MODES, "dp", f"one of {DP_MODES}")
         check(self.accountant in ACCOUNTANTS, "accountant", f"one of {ACCOUNTANTS}")
+        check(self.fault_kind in FAULT_KINDS, "fault-kind", f"one of {FAULT_KINDS}")
+        check(self.on_short_round in SHORT_ROUND_POLICIES, "on-short-round", f"one of {SHORT_ROUND_POLICIES}")
         for key in ("max-len", "users-per-client", "d-model", "n-layers", "n-heads", "item-dim", "num-rounds",
                     "local-epochs", "batch-size", "threads"):
             check(getattr(self, key.replace("-", "_")) >= 1, key, "an integer >= 1")
@@ -109,6 +132,9 @@ class FederatedConfig:
         check(0 <= self.dropout < 1, "dropout", "0 <= dropout < 1")
         check(0 < self.fraction_train <= 1, "fraction-train", "a client sampling rate q in (0, 1]")
         check(0 < self.eval_fraction <= 1, "eval-fraction", "a share of clients in (0, 1]")
+        check(0 < self.test_fraction <= 1, "test-fraction", "a share of clients in (0, 1]")
+        check(0 <= self.max_failure_fraction < 1, "max-failure-fraction", "a share of the cohort in [0, 1)")
+        check(0 <= self.fault_rate < 1, "fault-rate", "a probability in [0, 1)")
         for key in ("lr", "server-lr", "round-timeout"):
             value = getattr(self, key.replace("-", "_"))
             check(value > 0 and math.isfinite(value), key, "a finite number > 0")
@@ -124,10 +150,52 @@ class FederatedConfig:
                   f"> 0 when dp={self.dp!r} (or set target-epsilon to calibrate it)")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
               "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        self._check_contextualize(check)
+
+    def _check_contextualize(self, check) -> None:
+        """The contextualize phase's settings, and how it combines with the phases and DP mode."""
+        check(bool(self.llm.strip()), "llm", "'smollm2' (the embedded SmolLM2-135M-Instruct), an HF id or a path")
+        check(self.llm_task in LLM_TASKS, "llm-task", f"one of {LLM_TASKS}")
+        check(self.llm_integration in LLM_INTEGRATIONS, "llm-integration", f"one of {LLM_INTEGRATIONS}")
+        for key in ("llm-rounds", "llm-local-steps", "llm-batch-size"):
+            check(getattr(self, key.replace("-", "_")) >= 1, key, "an integer >= 1")
+        check(0 < self.llm_fraction_train <= 1, "llm-fraction-train", "a client sampling rate q in (0, 1]")
+        check(0 < self.llm_eval_fraction <= 1, "llm-eval-fraction", "a share of clients in (0, 1]")
+        for key in ("llm-lr", "llm-server-lr"):
+            value = getattr(self, key.replace("-", "_"))
+            check(value > 0 and math.isfinite(value), key, "a finite number > 0")
+        names = self.phase_names
+        if "contextualize" not in names:
+            return
+        if "pretrain" in names:
+            check(names.index("pretrain") < names.index("contextualize"), "phases",
+                  "pretrain before contextualize (the LLM phase starts from the pretrained encoder)")
+            check(not self.encoder, "encoder",
+                  "'' when phases includes pretrain: contextualize starts from this run's pretrained encoder")
+        else:
+            check(bool(self.encoder), "encoder",
+                  "a pretrained encoder when phases has contextualize without pretrain: a saved model folder, "
+                  "a Flower run directory (final/) or a `fed-userllm pretrain` run directory (best/)")
+        check(self.dp != "sample", "dp",
+              "'user' or 'none' when phases includes contextualize. DP-SGD (dp='sample') is not supported for "
+              "the LLM phase: its loss is a mean over all target tokens of a batch (per-example gradients are "
+              "not independent) and its batches are not Poisson-sampled, so Opacus's accounting would not "
+              "hold. Use dp='user' (DP-FedAvg on exactly the exchanged tensors) or phases='pretrain'")
 
     @property
     def phase_names(self) -> list[str]:
         return [p.strip() for p in self.phases.split(",") if p.strip()]
+
+    def for_phase(self, name: str) -> FederatedConfig:
+        """The settings as phase ``name``'s round loop, strategy and clients see them: contextualize runs
+        ``llm-rounds`` rounds at q = ``llm-fraction-train`` with its own learning rates, local steps, batch
+        size and evaluation share; pretrain uses the settings as they are."""
+        if name != "contextualize":
+            return self
+        return replace(self, num_rounds=self.llm_rounds, fraction_train=self.llm_fraction_train,
+                       local_steps=self.llm_local_steps, batch_size=self.llm_batch_size, lr=self.llm_lr,
+                       server_lr=self.llm_server_lr, eval_fraction=self.llm_eval_fraction,
+                       test_fraction=self.llm_eval_fraction)
 
     def to_dict(self) -> dict:
         return asdict(self)

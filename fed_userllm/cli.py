@@ -124,6 +124,35 @@ def _serve(args: argparse.Namespace) -> None:
           max_wait_ms=args.max_wait_ms, max_new_tokens=args.max_new_tokens)
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from fed_userllm.deploy import APP, LocalDeployment
+
+    workdir = Path(args.workdir or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill PID` stops the federation like Ctrl-C
+    try:
+        with LocalDeployment(args.supernodes, workdir, tls=args.tls or args.auth, auth=args.auth,
+                             app=args.app or APP) as fed:
+            if args.run_config or not args.keep_running:
+                print(f"run directory: {fed.run(args.run_config)}")
+            if args.keep_running:
+                print("\nThe federation keeps running. Submit runs from another terminal with\n  "
+                      f"{fed.submit_command()}\nStop it (every process, by PID): Ctrl-C here, or "
+                      f"`kill {os.getpid()}`.", flush=True)
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_dataclass_options(parser: argparse.ArgumentParser, config_class, skip: tuple[str, ...] = ()) -> None:
     """One --flag per field of a settings dataclass, typed by its default."""
     for name, field in config_class.__dataclass_fields__.items():
@@ -170,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--model", choices=MODEL_NAMES, default=defaults.model)
     pre.add_argument("--out", required=True, help="run directory (e.g. runs/ar)")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    for name in ("max_len", "d_model", "n_layers", "n_heads", "epochs", "batch_size", "patience", "seed"):
+    for name in ("max_len", "d_model", "n_layers", "n_heads", "item_dim", "epochs", "batch_size", "patience", "seed"):
         pre.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("dropout", "lr", "weight_decay", "warmup_frac"):
         pre.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
@@ -237,6 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-new-tokens", type=int, default=64)
     srv.add_argument("--threads", type=int, default=1)
     srv.set_defaults(func=_serve)
+
+    dep = commands.add_parser("deploy", help="run the Flower app on a local SuperLink + N SuperNodes (Deployment "
+                                             "Engine, loopback), then stop every process started")
+    dep.add_argument("--supernodes", type=int, required=True,
+                     help="SuperNodes, one per partition: dataset users / users-per-client")
+    dep.add_argument("--run-config", default="", help="run config overrides, e.g. \"dataset='synthetic:users=3' "
+                                                      "num-rounds=2\" (max-in-flight=0 unless given)")
+    dep.add_argument("--workdir", default=None, help="logs, FLWR_HOME, certificates, keys and runs "
+                                                     "(default runs/deploy-<timestamp>)")
+    dep.add_argument("--tls", action="store_true", help="generate a CA + certificate, serve the SuperLink over TLS")
+    dep.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls): one key pair "
+                                                         "per SuperNode, registered with the SuperLink")
+    dep.add_argument("--keep-running", action="store_true",
+                     help="keep the federation up for `flwr run` from other terminals until Ctrl-C / SIGTERM")
+    dep.add_argument("--app", default=None, help="Flower app folder (default simulations/movielens)")
+    dep.set_defaults(func=_deploy)
     return parser
 
 

@@ -35,7 +35,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fed_userllm.clients.config import FederatedConfig
+from fed_userllm.clients.config import PHASE_NAMES, FederatedConfig
+from fed_userllm.clients.contextualize import initial_userllm
 from fed_userllm.clients.task import build_model, get_arrays, set_arrays
 from fed_userllm.eval.ranking import add_sums, finalize
 from fed_userllm.privacy import (
@@ -47,7 +48,9 @@ from fed_userllm.privacy import (
     PrivacyLedger,
     audit,
     calibrate_noise,
+    calibrate_noise_for_plan,
     default_delta,
+    epsilon_from_history,
     max_rounds_within_budget,
 )
 from fed_userllm.privacy.ledger import read_ledger
@@ -63,15 +66,21 @@ from fed_userllm.server.strategy import build_strategy, load_strategy_state, str
 
 # Settings that may differ when resuming (they do not change what is computed).
 RESUMABLE = ("resume", "run_dir", "round_timeout", "max_in_flight", "threads", "device")
+RETRIES = 2  # on-short-round="retry": fresh cohorts tried before the run stops
 METRIC_ORDER = ("recall@1", "recall@5", "recall@10", "ndcg@10", "fav_genre", "n")
 
 
 @dataclass(frozen=True)
 class Phase:
-    """A federated phase: its client handlers (by message type) and the model it trains."""
+    """A federated phase: its client handlers (by message type) and the model it trains.
+
+    ``build_model(settings, vocabulary sizes, run directory)`` gives the phase's starting model; only its
+    trainable parameters are exchanged. The phase runs with ``cfg.for_phase(name)``: its own rounds, q,
+    learning rates and evaluation share.
+    """
 
     name: str
-    build_model: Callable[[FederatedConfig, dict[str, int]], torch.nn.Module]
+    build_model: Callable[[FederatedConfig, dict[str, int], Path], torch.nn.Module]
     output: str  # folder in the run directory for the phase's final model
 
     @property
@@ -83,7 +92,20 @@ class Phase:
         return f"evaluate.{self.name}"
 
 
-PHASES = {"pretrain": Phase("pretrain", build_model, "final")}
+def _encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
+    """A fresh user encoder (pretrain)."""
+    return build_model(cfg, vocab_sizes)
+
+
+def _userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
+    """The UserLLM to contextualize (frozen LLM loaded on the server too: it saves the result), starting from
+    this run's pretrained encoder, or from ``encoder`` when the run has no pretrain phase."""
+    source = run_dir / PHASES["pretrain"].output if "pretrain" in cfg.phase_names else cfg.encoder
+    return initial_userllm(cfg, vocab_sizes, source)
+
+
+PHASES = {"pretrain": Phase("pretrain", _encoder, "final"),
+          "contextualize": Phase("contextualize", _userllm, "userllm")}
 
 
 @dataclass(frozen=True)
@@ -115,13 +137,14 @@ def run(grid: Grid, cfg: FederatedConfig) -> Path:
     ckpt = _load_checkpoint(run_dir)
     ledger = open_ledger(run_dir, cfg, federation, privacy, ckpt.get("ledger_head"))
     state = RunState(grid, cfg, run_dir, federation, privacy, ledger,
-                     cfg.dp_seed or ckpt.get("dp_seed") or secrets.randbits(63), ckpt.get("completed", []))
+                     cfg.dp_seed or ckpt.get("dp_seed") or secrets.randbits(63), ckpt.get("completed", []),
+                     _charged_after(ledger, ckpt.get("ledger_head")))
     log(INFO, "fed-userllm: run directory %s (%s)", run_dir, "resumed" if ckpt else "new")
     if not ckpt:
         state.checkpoint({})  # the secret seed first, so even a crash in round 1 is redone identically
-    log(INFO, "fed-userllm: %d clients, dp=%s, noise multiplier %.4g, delta %s, strategy %s, q=%g",
+    log(INFO, "fed-userllm: %d clients, dp=%s, noise multiplier %.4g, delta %s, strategy %s, phases %s",
         federation.num_clients, cfg.dp, privacy.noise_multiplier, privacy.delta, cfg.strategy,
-        cfg.fraction_train)
+        ", ".join(f"{name} (q={cfg.for_phase(name).fraction_train:g})" for name in cfg.phase_names))
     results = {name: state.run_phase(PHASES[name], ckpt) for name in cfg.phase_names
                if name not in state.completed}
     atomic_torch_save({k: v for k, v in _load_checkpoint(run_dir).items() if k != "dp_seed"},
@@ -154,13 +177,15 @@ class RunState:
     ledger: PrivacyLedger | None
     dp_seed: int  # secret: seeds the Poisson cohorts and the DP noise; kept in the checkpoint only
     completed: list[str]  # phases finished in this run directory
+    pending_charge: dict | None = None  # a ledger round charged after the last checkpoint (a crash)
 
     def run_phase(self, phase: Phase, ckpt: dict) -> dict[str, float]:
         """Train ``phase`` for ``num-rounds`` rounds (continuing a checkpoint of it); return test metrics."""
-        cfg = self.cfg
-        model = phase.build_model(cfg, self.federation.vocab_sizes)
+        cfg = self.cfg.for_phase(phase.name)
+        model = phase.build_model(cfg, self.federation.vocab_sizes, self.run_dir)
         arrays = get_arrays(model)
-        strategy = build_strategy(cfg, self.dp_seed, self.privacy.noise_multiplier)
+        sizes = _exchange_sizes(phase, cfg, model, arrays, len(self.federation.nodes))
+        strategy = build_strategy(cfg, _phase_seed(self.dp_seed, phase.name), self.privacy.noise_multiplier)
         strategy.message_type = phase.train_type
         done = 0
         if ckpt.get("phase") == phase.name:
@@ -169,9 +194,9 @@ class RunState:
             done = ckpt["round"]
             log(INFO, "fed-userllm: resuming phase %s after round %d", phase.name, done)
         _truncate_metrics(self.run_dir / "metrics.jsonl", phase.name, done)
-        eval_nodes = _eval_nodes(cfg, self.federation.nodes)
+        eval_nodes = _sample_nodes(self.federation.nodes, cfg.eval_fraction, cfg.seed, 2)
         for rnd in range(done + 1, cfg.num_rounds + 1):
-            if self.ledger is not None and self.ledger.rounds_remaining() == 0:
+            if self.ledger is not None and self.ledger.rounds_remaining(cfg.fraction_train) == 0:
                 log(WARNING, "fed-userllm: stopping before round %d: target-epsilon=%s is spent", rnd,
                     cfg.target_epsilon)
                 break
@@ -180,8 +205,11 @@ class RunState:
             if outcome is None:
                 break
             arrays, record = outcome
+            record |= sizes
             if cfg.eval_every and rnd % cfg.eval_every == 0:
+                eval_began = time.time()
                 val, (sent, received) = self.evaluate(phase, arrays, eval_nodes, "val", rnd)
+                record["eval_seconds"] = time.time() - eval_began
                 record |= {f"val_{k}": v for k, v in val.items()}
                 record["bytes_sent"] += sent
                 record["bytes_received"] += received
@@ -192,7 +220,8 @@ class RunState:
             log(INFO, "fed-userllm: [%s] round %d/%d: %s", phase.name, rnd, cfg.num_rounds, _fmt(record))
         set_arrays(model, arrays)
         model.save_pretrained(self.run_dir / phase.output)
-        test, _ = self.evaluate(phase, arrays, self.federation.nodes, "test", cfg.num_rounds)
+        test_nodes = _sample_nodes(self.federation.nodes, cfg.test_fraction, cfg.seed, 3)
+        test, _ = self.evaluate(phase, arrays, test_nodes, "test", cfg.num_rounds)
         atomic_write_json(self.run_dir / "results.json",
                           _read_json(self.run_dir / "results.json") | {phase.name: {"test": test}})
         log(INFO, "fed-userllm: [%s] final test over %d users: %s", phase.name, int(test["n"]), _fmt(test))
@@ -202,22 +231,44 @@ class RunState:
 
     def train_round(self, phase: Phase, strategy, arrays: ArrayRecord,
                     rnd: int) -> tuple[ArrayRecord, dict] | None:
-        """One training round, charged to the ledger before release; None if the budget refuses it."""
+        """One training round, charged to the ledger before release; None if the budget refuses it.
+
+        A short round (more failed clients than ``max-failure-fraction`` of the cohort) releases nothing:
+        it is retried with a fresh cohort, skipped (the model stays as it is) or stops the run, as
+        ``on-short-round`` says. Failures never change the DP average's denominator (the expected cohort),
+        so the accounting holds whoever drops out, provided failures do not depend on the data.
+        """
         dp_sgd_sigma = self.privacy.noise_multiplier if self.cfg.dp == "sample" else 0.0
         train_config = ConfigRecord({"noise-multiplier": dp_sgd_sigma, "delta": self.privacy.delta or 0.0})
-        messages = list(strategy.configure_train(rnd, arrays, train_config, self.grid))
-        replies = sorted(self.exchange(messages), key=lambda m: m.metadata.src_node_id)  # fixed sum order
-        for r in replies:
-            if r.has_error():
-                log(WARNING, "fed-userllm: round %d: node %d failed: %s", rnd, r.metadata.src_node_id,
-                    r.error.reason)
-        ok = [r for r in replies if not r.has_error()]
+        for attempt in range(RETRIES + 1):
+            strategy.attempt = attempt
+            messages = list(strategy.configure_train(rnd, arrays, train_config, self.grid))
+            replies = sorted(self.exchange(messages), key=lambda m: m.metadata.src_node_id)  # fixed sum order
+            for r in replies:
+                if r.has_error():
+                    log(WARNING, "fed-userllm: round %d: node %d failed: %s", rnd, r.metadata.src_node_id,
+                        r.error.reason)
+            ok = [r for r in replies if not r.has_error()]
+            record = {"phase": phase.name, "round": rnd, "clients_sampled": len(messages),
+                      "clients_succeeded": len(ok), "clients_failed": len(messages) - len(ok),
+                      "attempts": attempt + 1, **_train_metrics(ok)}
+            if len(messages) - len(ok) <= self.cfg.max_failure_fraction * len(messages):
+                break
+            policy = self.cfg.on_short_round
+            log(WARNING, "fed-userllm: round %d attempt %d is short: %d of %d sampled clients failed (> "
+                "max-failure-fraction=%s); on-short-round=%s", rnd, attempt + 1, len(messages) - len(ok),
+                len(messages), self.cfg.max_failure_fraction, policy)
+            if policy == "skip":
+                return arrays, record | {"skipped": True}
+            if policy == "stop" or attempt == RETRIES:
+                raise RuntimeError(f"round {rnd}: {len(messages) - len(ok)} of {len(messages)} sampled clients "
+                                   f"failed in attempt {attempt + 1} (max-failure-fraction="
+                                   f"{self.cfg.max_failure_fraction}, on-short-round={policy}); stopping. The "
+                                   "last checkpoint is intact: fix the clients and resume")
         new_arrays, _ = strategy.aggregate_train(rnd, ok)
-        record = {"phase": phase.name, "round": rnd, "clients_sampled": len(messages),
-                  "clients_succeeded": len(ok), **_train_metrics(ok)}
         if self.ledger is not None:
             try:
-                record |= _charge(self.ledger, self.privacy, len(messages), ok)
+                record |= self.charge(len(messages), ok, strategy.fraction_train, phase.name)
             except PrivacyBudgetExceeded as err:
                 log(WARNING, "fed-userllm: round %d is not released: %s", rnd, err)
                 return None
@@ -260,6 +311,19 @@ class RunState:
             remaining = max(0.0, deadline - time.time())
             replies += self.grid.send_and_receive(messages[i:i + step], timeout=remaining)
         return replies
+
+    def charge(self, sampled: int, ok: list[Message], sample_rate: float, phase: str) -> dict:
+        """Charge the round to the ledger, or, for a user-level round redone after a crash that was charged
+        but not checkpointed, reuse that charge: the same cohort and the same noise (both seeded by the
+        secret dp_seed) give the same release, so charging it again would double-count it. DP-SGD rounds
+        are always charged: their clients draw fresh noise."""
+        pending, self.pending_charge = self.pending_charge, None
+        if (pending is not None and self.privacy.mechanism == USER_LEVEL
+                and (pending["clients_sampled"], pending["clients_succeeded"]) == (sampled, len(ok))):
+            log(INFO, "fed-userllm: round %d of the ledger was charged before the crash; the redone round is "
+                "the same release and is not charged again", pending["round"])
+            return {"epsilon": pending["epsilon"], "delta": self.privacy.delta}
+        return _charge(self.ledger, self.privacy, sampled, ok, sample_rate, phase)
 
     def checkpoint(self, ckpt: dict) -> None:
         """Atomically replace checkpoint.pt; it also carries the secret seed and the ledger's head hash."""
@@ -307,29 +371,41 @@ def describe_federation(grid: Grid, cfg: FederatedConfig) -> Federation:
 
 
 def resolve_privacy(cfg: FederatedConfig, num_clients: int) -> Privacy:
-    """Delta (default 1/N**1.1), the noise multiplier (calibrated to target-epsilon if set), the round budget.
+    """Delta (default 1/N**1.1), the noise multiplier, and the round budget under ``target-epsilon``.
 
-    User-level: calibrated so that all planned rounds (num-rounds per phase) fit the target. Sample-level:
-    calibrated for the worst-case client, one that takes part in every round with full-batch DP-SGD steps
-    (sample rate 1, ``local-steps`` or ``local-epochs`` steps per round); the ledger still refuses any round
-    that would exceed the target.
+    ``noise-multiplier=0`` with a target calibrates sigma. User-level: so that all planned rounds (num-rounds
+    per phase) fit the target; a given sigma whose planned rounds do not fit is refused before training.
+    Sample-level: for the worst-case client, one that takes part in every round with full-batch DP-SGD steps
+    (sample rate 1, ``local-steps`` or ``local-epochs`` steps per round). Either way the ledger refuses any
+    round that would exceed the target.
     """
     if cfg.dp == "none":
         return Privacy(None, 0.0, None, None)
     delta = cfg.target_delta or default_delta(num_clients)
-    rounds = cfg.num_rounds * len(cfg.phase_names)
+    plan = [(view.fraction_train, view.num_rounds) for view in map(cfg.for_phase, cfg.phase_names)]
+    rounds = sum(r for _, r in plan)  # each phase's rounds at its own q, composed in order
     sigma = cfg.noise_multiplier
     if cfg.dp == "user":
-        if cfg.target_epsilon:
-            sigma = calibrate_noise(cfg.target_epsilon, delta, cfg.fraction_train, rounds, cfg.accountant)
+        if not cfg.target_epsilon:
+            return Privacy(USER_LEVEL, sigma, delta, None)
+        if not sigma:
+            sigma = calibrate_noise_for_plan(cfg.target_epsilon, delta, plan, cfg.accountant)
             log(INFO, "fed-userllm: noise multiplier calibrated to %.4f for epsilon=%s over %d rounds", sigma,
                 cfg.target_epsilon, rounds)
-        max_rounds = None
-        if cfg.target_epsilon:
-            max_rounds = max_rounds_within_budget(sigma, cfg.fraction_train, delta, cfg.target_epsilon,
-                                                  cfg.accountant)
+        max_rounds = max_rounds_within_budget(sigma, cfg.fraction_train, delta, cfg.target_epsilon,
+                                              cfg.accountant)
+        spent = epsilon_from_history([(sigma, q, r) for q, r in plan], delta, cfg.accountant)
+        if spent > cfg.target_epsilon:
+            per_phase = ", ".join(f"{name}: {r} at q={q:g}" for name, (q, r) in zip(cfg.phase_names, plan,
+                                                                                       strict=True))
+            raise ValueError(
+                f"num-rounds={cfg.num_rounds} ({rounds} rounds over phases {cfg.phases!r}) exceeds the privacy "
+                f"budget: with noise-multiplier={sigma} and delta={delta:.3g} the planned rounds ({per_phase}) "
+                f"spend epsilon {spent:.4g} > target-epsilon={cfg.target_epsilon} (only {max_rounds} rounds fit "
+                f"at fraction-train={cfg.fraction_train}). Lower num-rounds or llm-rounds, raise "
+                "noise-multiplier, or set noise-multiplier=0 to calibrate it to the target")
         return Privacy(USER_LEVEL, sigma, delta, max_rounds)
-    if cfg.target_epsilon:
+    if cfg.target_epsilon and not sigma:
         steps = (cfg.local_steps or cfg.local_epochs) * rounds
         sigma = calibrate_noise(cfg.target_epsilon, delta, 1.0, steps, cfg.accountant)
         log(INFO, "fed-userllm: DP-SGD noise multiplier calibrated to %.4f for epsilon=%s", sigma,
@@ -349,7 +425,7 @@ def open_ledger(run_dir: Path, cfg: FederatedConfig, federation: Federation, pri
     ledger = PrivacyLedger(run_dir, LedgerConfig(
         mechanism=privacy.mechanism, noise_multiplier=privacy.noise_multiplier, clip_norm=cfg.clip_norm,
         num_clients=federation.num_clients, delta=privacy.delta,
-        sample_rate=cfg.fraction_train if privacy.mechanism == USER_LEVEL else None,
+        sample_rate=cfg.for_phase(cfg.phase_names[0]).fraction_train if privacy.mechanism == USER_LEVEL else None,
         accountant=cfg.accountant, target_epsilon=cfg.target_epsilon or None))
     if checkpoint_head and checkpoint_head not in {e.get("hash") for e in read_ledger(ledger.path).entries}:
         raise LedgerError(f"{ledger.path} no longer holds the line {checkpoint_head} that checkpoint.pt "
@@ -376,13 +452,17 @@ def write_or_check_config(run_dir: Path, cfg: FederatedConfig, federation: Feder
     atomic_write_json(path, saved)
 
 
-def _charge(ledger: PrivacyLedger, privacy: Privacy, sampled: int, ok: list[Message]) -> dict:
-    """Write the round's ledger line (before anything is released) and return its epsilon figures."""
+def _charge(ledger: PrivacyLedger, privacy: Privacy, sampled: int, ok: list[Message], sample_rate: float,
+            phase: str) -> dict:
+    """Write the round's ledger line (before anything is released) and return its epsilon figures.
+
+    User-level rounds are charged at their phase's client sampling rate ``sample_rate``."""
     metrics = [r.content["metrics"] for r in ok]
-    steps = None
+    steps, q = None, sample_rate
     if privacy.mechanism == SAMPLE_LEVEL:
         steps = {str(int(m["partition-id"])): (float(m["dp-sample-rate"]), int(m["steps"])) for m in metrics}
-    entry = ledger.record_round(sampled, len(ok), steps)
+        q = None  # DP-SGD clients report their own rates
+    entry = ledger.record_round(sampled, len(ok), steps, q, phase)
     figures = {"epsilon": entry["epsilon"], "delta": privacy.delta}
     if privacy.mechanism == SAMPLE_LEVEL:
         reported = [float(m["epsilon"]) for m in metrics] or [0.0]
@@ -390,6 +470,48 @@ def _charge(ledger: PrivacyLedger, privacy: Privacy, sampled: int, ok: list[Mess
                     "client_epsilon_mean": entry["client_epsilon"]["mean"],
                     "reported_epsilon_max": max(reported), "reported_epsilon_mean": float(np.mean(reported))}
     return figures
+
+
+def _charged_after(ledger: PrivacyLedger | None, head: str | None) -> dict | None:
+    """The ledger's round line written after the checkpoint's head line, if any (at most one: a round is
+    charged, then checkpointed)."""
+    if ledger is None or head is None:
+        return None
+    entries = read_ledger(ledger.path).entries
+    after = entries[[e.get("hash") for e in entries].index(head) + 1:]
+    if len(after) > 1:
+        raise LedgerError(f"{ledger.path} holds {len(after)} rounds after the checkpoint's last one; a run "
+                          "charges one round before each checkpoint, so the ledger or checkpoint was altered")
+    return after[0] if after else None
+
+
+def _phase_seed(dp_seed: int, phase: str) -> int:
+    """The secret seed of a phase's cohorts and noise: the accountant composes the rounds of all phases as
+    independent mechanisms, so round r of one phase must not reuse round r's draws of another."""
+    index = PHASE_NAMES.index(phase)
+    return dp_seed if index == 0 else int(np.random.SeedSequence([dp_seed, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _exchange_sizes(phase: Phase, cfg: FederatedConfig, model: torch.nn.Module, arrays: ArrayRecord,
+                    num_clients: int) -> dict:
+    """For a phase with a frozen part (the LLM): bytes of one copy of the exchanged tensors and of the frozen
+    parameters, which are never sent (logged once, recorded every round); {} otherwise."""
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    if not frozen:
+        return {}
+    exchanged = arrays.count_bytes()
+    log(INFO, "fed-userllm: [%s] clients train and exchange %d tensors (%s parameters, %.2f MB per copy: "
+        "encoder + projection%s); the frozen LLM %s (%.1f MB) is never sent: each copy is %.2f%% of it",
+        phase.name, len(arrays), f"{sum(a.numpy().size for a in arrays.values()):,}", exchanged / 1e6,
+        " + cross-attention" if cfg.llm_integration == "xattn" else " + task prompt", cfg.llm, frozen / 1e6,
+        100 * exchanged / frozen)
+    log(INFO, "fed-userllm: [%s] %d rounds at q=%g (~%.3g clients each), %d local steps of %d examples; "
+        "validation and final test on a fixed sample of %d of the %d clients (llm-eval-fraction=%g: constrained "
+        "beam search over every title is slow on CPU)", phase.name, cfg.num_rounds, cfg.fraction_train,
+        cfg.fraction_train * num_clients, cfg.local_steps, cfg.batch_size,
+        len(_sample_nodes(list(range(num_clients)), cfg.test_fraction, cfg.seed, 3)), num_clients,
+        cfg.test_fraction)
+    return {"update_bytes": exchanged, "llm_bytes": frozen}
 
 
 def _train_metrics(ok: list[Message]) -> dict:
@@ -402,10 +524,12 @@ def _train_metrics(ok: list[Message]) -> dict:
             "num_examples": int(n.sum()), "local_steps": int(sum(m["steps"] for m in metrics))}
 
 
-def _eval_nodes(cfg: FederatedConfig, nodes: list[int]) -> list[int]:
-    """A fixed, seeded sample of ``eval-fraction`` of the nodes for validation during training."""
-    k = max(1, round(cfg.eval_fraction * len(nodes)))
-    chosen = np.random.default_rng([cfg.seed, 2]).choice(len(nodes), size=k, replace=False)
+def _sample_nodes(nodes: list[int], fraction: float, seed: int, stream: int) -> list[int]:
+    """A fixed, seeded sample of ``fraction`` of the nodes (all of them at 1) for an evaluation."""
+    if fraction >= 1:
+        return nodes
+    k = max(1, round(fraction * len(nodes)))
+    chosen = np.random.default_rng([seed, stream]).choice(len(nodes), size=k, replace=False)
     return [nodes[i] for i in sorted(chosen)]  # index, never numpy-convert: node ids are unsigned 64-bit
 
 

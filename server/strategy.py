@@ -41,6 +41,7 @@ class PoissonFedAvg(FedAvg):
     """
 
     seed: int = 0
+    attempt: int = 0  # a retried round (too many failures) draws a fresh cohort and fresh noise
     message_type: str = MessageType.TRAIN
     num_clients: int = 0  # N, the population the cohort was drawn from in the last configured round
 
@@ -48,7 +49,7 @@ class PoissonFedAvg(FedAvg):
                         grid: Grid) -> list[Message]:
         nodes = sorted(grid.get_node_ids())
         self.num_clients = len(nodes)
-        rng = np.random.default_rng([self.seed, server_round, 0])
+        rng = np.random.default_rng([self.seed, server_round, 0, self.attempt])
         chosen = poisson_sample(len(nodes), self.fraction_train, rng)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -81,7 +82,7 @@ class UserDPFedAvg(PoissonFedAvg):
         base = [self.global_arrays[k].numpy() for k in keys]
         updates = (model_update([r.content[self.arrayrecord_key][k].numpy() for k in keys], base)
                    for r in valid)
-        rng = np.random.default_rng([self.seed, server_round, 1])
+        rng = np.random.default_rng([self.seed, server_round, 1, self.attempt])
         new, self.last_stats = aggregate_dp_fedavg(base, updates, self.clip_norm, self.noise_multiplier,
                                                    self.fraction_train * self.num_clients, rng)
         arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(keys, new, strict=True)})

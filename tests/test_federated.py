@@ -1,19 +1,21 @@
-"""The Flower app in-process: client replies, aggregation, DP-SGD accounting, resume, bad configs, run dir.
+"""The Flower app in-process: client replies, aggregation, DP-SGD accounting, resume, failures, bad configs.
 
-`InProcessGrid` is a real ``flwr.serverapp.Grid`` whose nodes run the real ClientApp in this process (one
+`LocalGrid` is a real ``flwr.serverapp.Grid`` whose nodes run the real ClientApp in this process (one
 Context per node, like the simulation engine keeps), so the ServerApp's round loop runs unchanged.
 """
 
 import json
 import math
-import tomllib
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
@@ -24,16 +26,16 @@ from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
 from fed_userllm.privacy import LedgerError, audit
+from fed_userllm.server import runner
+from fed_userllm.server.local_grid import LocalGrid, app_defaults
 from fed_userllm.server.runner import PHASES, run
 from fed_userllm.server.strategy import build_strategy
 
-APP = Path(__file__).parents[1] / "simulations" / "movielens"
-DEFAULTS = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+DEFAULTS = app_defaults()
 USERS = 12
-NODE0 = 1 << 63  # real node ids are random unsigned 64-bit integers
 TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
         "n-layers": 1, "n-heads": 2, "item-dim": 8, "num-rounds": 2, "batch-size": 4, "lr": 0.5,
-        "eval-every": 1, "eval-fraction": 0.5, "dp-seed": 7}
+        "eval-every": 1, "eval-fraction": 0.5, "dp-seed": 7, "phases": "pretrain"}  # LLM phase: its own file
 
 
 def run_config(tmp_path: Path, **overrides) -> dict:
@@ -42,50 +44,25 @@ def run_config(tmp_path: Path, **overrides) -> dict:
             **{k.replace("_", "-"): v for k, v in overrides.items()}}
 
 
-class InProcessGrid(Grid):
-    """Node NODE0 + 7i holds partition i; after ``crash_after`` train messages it raises (a server crash)."""
+class InProcessGrid(LocalGrid):
+    """A `LocalGrid` that records what it sends; after ``crash_after`` train messages it raises (a crash)."""
 
     def __init__(self, config: dict, num_nodes: int = USERS, crash_after: int | None = None) -> None:
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-        self.contexts = {NODE0 + 7 * i: Context(run_id=1, node_id=NODE0 + 7 * i, state=RecordDict(),
-                                                run_config=config,
-                                                node_config={"partition-id": i, "num-partitions": num_nodes})
-                         for i in range(num_nodes)}
+        super().__init__(config, num_nodes)
         self.crash_after = crash_after
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
         self.batches: list[int] = []  # messages per send_and_receive call
 
-    def set_run(self, run) -> None:
-        self._run = run
-
-    @property
-    def run(self):
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError("send_and_receive runs the ClientApp directly")
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError("send_and_receive runs the ClientApp directly")
-
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        messages = list(messages)
         self.batches.append(len(messages))
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            trained = sum(m.metadata.message_type.startswith("train") for m in self.sent)
-            if self.crash_after is not None and trained > self.crash_after:
-                raise KeyboardInterrupt("server crashed mid-round")
-            try:
-                replies.append(client_app(message, self.contexts[message.metadata.dst_node_id]))
-            except Exception as err:  # what the simulation engine does with a failing ClientApp
-                replies.append(Message(Error(code=1, reason=repr(err)), reply_to=message))
+        self.sent += messages
+        trained = sum(m.metadata.message_type.startswith("train") for m in self.sent)
+        if self.crash_after is not None and trained > self.crash_after:
+            raise KeyboardInterrupt("server crashed mid-round")
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.replies += replies
         return replies
 
 
@@ -270,6 +247,116 @@ def test_resume_after_an_interrupted_round_matches_an_uninterrupted_run(tmp_path
     assert audit(run_dir).ok
 
 
+def test_a_round_charged_but_not_checkpointed_is_not_charged_again_on_resume(tmp_path, monkeypatch):
+    common = {"dp": "user", "fraction-train": 0.5, "num-rounds": 3}
+    whole = run_config(tmp_path / "whole", **common)
+    run(InProcessGrid(whole), FederatedConfig.from_run_config(whole))
+
+    broken = run_config(tmp_path / "broken", **common)
+    real_append = runner.append_jsonl
+
+    def crash_at_round_2(path, record):  # metrics are written after the ledger line, before the checkpoint
+        if record.get("round") == 2:
+            raise KeyboardInterrupt("server killed between the ledger line and the checkpoint")
+        real_append(path, record)
+
+    monkeypatch.setattr(runner, "append_jsonl", crash_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(InProcessGrid(broken), FederatedConfig.from_run_config(broken))
+    monkeypatch.setattr(runner, "append_jsonl", real_append)
+    run_dir = Path(broken["run-dir"])
+    assert len(ledger_rounds(run_dir)) == 2  # round 2 charged, its checkpoint never written
+    resumed = {**broken, "resume": True}
+    run(InProcessGrid(resumed), FederatedConfig.from_run_config(resumed))
+    assert ledger_rounds(run_dir) == ledger_rounds(Path(whole["run-dir"]))  # 3 rounds, none twice
+    assert audit(run_dir).ok
+
+
+@pytest.mark.slow
+def test_killing_the_server_process_and_resuming_equals_an_uninterrupted_run(tmp_path):
+    common = {"dp": "user", "fraction-train": 0.5, "num-rounds": 8, "eval-every": 0}
+    whole = run_config(tmp_path / "whole", **common)
+    run(InProcessGrid(whole), FederatedConfig.from_run_config(whole))
+
+    killed = run_config(tmp_path / "killed", **common)
+    run_dir = Path(killed["run-dir"])
+    code = ("import json; from fed_userllm.server.local_grid import run_local; "
+            f"run_local(json.loads({json.dumps(killed)!r}))")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists() and server.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        server.send_signal(signal.SIGKILL)  # mid-run: anywhere between two rounds' metrics lines
+    finally:
+        server.kill()
+        server.wait()
+    assert not (run_dir / "results.json").exists(), "the server finished before it was killed"
+    resumed = {**killed, "resume": True}
+    run(InProcessGrid(resumed), FederatedConfig.from_run_config(resumed))
+
+    assert ledger_rounds(run_dir) == ledger_rounds(Path(whole["run-dir"]))
+    a = load_file(run_dir / "final" / "model.safetensors")
+    b = load_file(Path(whole["run-dir"]) / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert audit(run_dir).ok
+
+
+def test_failed_clients_are_recorded_and_only_successful_ones_count(tmp_path):
+    config = run_config(tmp_path, dp="none", fraction_train=1.0, num_rounds=2, fault_rate=0.3,
+                        max_failure_fraction=0.6)
+    grid = InProcessGrid(config)
+    run(grid, FederatedConfig.from_run_config(config))
+    records = [json.loads(line) for line in (Path(config["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
+    cfg = FederatedConfig.from_run_config(config)
+    seq = load_data(cfg.dataset, cfg.max_len)
+    for record in records:
+        replies = [r for r in grid.replies if r.metadata.group_id == str(record["round"])]
+        failed = [r for r in replies if r.has_error()]
+        assert record["clients_failed"] == len(failed) > 0 and record["attempts"] == 1
+        assert record["clients_succeeded"] == len(replies) - len(failed) == record["clients_sampled"] - len(failed)
+        assert all("injected fault" in r.error.reason for r in failed)
+        succeeded = [int(r.content["metrics"]["num-examples"]) for r in replies if not r.has_error()]
+        assert record["num_examples"] == sum(succeeded) < len(seq.windows(np.arange(USERS)))
+
+
+def test_clients_that_answer_after_the_deadline_are_failures(tmp_path):
+    config = run_config(tmp_path, dp="none", fraction_train=1.0, num_rounds=1, eval_every=0, fault_rate=0.25,
+                        fault_kind="hang", round_timeout=1.0, max_failure_fraction=0.6)
+    run(InProcessGrid(config), FederatedConfig.from_run_config(config))
+    (record,) = [json.loads(line) for line in (Path(config["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert record["clients_failed"] > 0 and record["clients_succeeded"] == USERS - record["clients_failed"]
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop", "retry"])
+def test_a_round_with_too_many_failures_is_skipped_retried_or_stops(tmp_path, policy):
+    config = run_config(tmp_path, dp="user", fraction_train=1.0, num_rounds=1, eval_every=0, fault_rate=0.9,
+                        max_failure_fraction=0.2, on_short_round=policy)
+    grid = InProcessGrid(config)
+    if policy == "skip":
+        run(grid, FederatedConfig.from_run_config(config))
+        (record,) = [json.loads(line) for line in (Path(config["run-dir"]) / "metrics.jsonl").read_text()
+                     .splitlines()]
+        assert record["skipped"] and "epsilon" not in record  # nothing released, nothing charged
+        final = load_pretrained(Path(config["run-dir"]) / "final")
+        start = global_model(config)
+        assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), start.state_dict().values(),
+                                                     strict=True))
+        return
+    with pytest.raises(RuntimeError, match=f"on-short-round={policy}"):
+        run(grid, FederatedConfig.from_run_config(config))
+    attempts = 3 if policy == "retry" else 1
+    assert sum(m.metadata.message_type.startswith("train") for m in grid.sent) == attempts * USERS
+    assert ledger_rounds(Path(config["run-dir"])) == []  # no round released
+
+
+def test_rounds_beyond_a_fixed_noise_budget_fail_before_training(tmp_path):
+    config = run_config(tmp_path, dp="user", noise_multiplier=0.5, target_epsilon=1.0, num_rounds=50)
+    with pytest.raises(ValueError, match="num-rounds=50 .* exceeds the privacy budget"):
+        run(InProcessGrid(config), FederatedConfig.from_run_config(config))
+    assert not (Path(config["run-dir"]) / "metrics.jsonl").exists()
+
+
 def test_resume_refuses_a_ledger_that_lost_charged_rounds(tmp_path):
     config = run_config(tmp_path, dp="user", fraction_train=1.0, num_rounds=3)
     with pytest.raises(KeyboardInterrupt):
@@ -283,7 +370,7 @@ def test_resume_refuses_a_ledger_that_lost_charged_rounds(tmp_path):
 
 
 def test_run_directory_holds_config_metrics_checkpoint_model_ledger_and_plots(tmp_path):
-    config = run_config(tmp_path, dp="user", strategy="fedadam", target_epsilon=20.0)
+    config = run_config(tmp_path, dp="user", strategy="fedadam", noise_multiplier=0.0, target_epsilon=20.0)
     run_dir = run(InProcessGrid(config), FederatedConfig.from_run_config(config))
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["num_clients"] == USERS and saved["settings"]["strategy"] == "fedadam"
@@ -349,7 +436,8 @@ def test_server_refuses_a_federation_with_the_wrong_number_of_nodes(tmp_path):
     ("fraction-train", 1.5), ("fraction-train", 0.0), ("noise-multiplier", -1.0), ("clip-norm", 0.0),
     ("strategy", "fedsgd"), ("dp", "both"), ("dataset", "no-such-dataset"), ("model", "gpt"),
     ("phases", "pretrain,finetune"), ("accountant", "gdp"), ("num-rounds", 0), ("lr", "fast"),
-    ("target-delta", 1.0), ("d-model", 31),
+    ("target-delta", 1.0), ("d-model", 31), ("fault-rate", 1.0), ("fault-kind", "slow"),
+    ("max-failure-fraction", 1.0), ("on-short-round", "ignore"), ("test-fraction", 0.0),
 ])
 def test_bad_settings_fail_fast_naming_the_setting(tmp_path, key, value):
     with pytest.raises(ValueError, match=f"^{key}="):

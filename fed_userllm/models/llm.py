@@ -72,6 +72,9 @@ def load_llm(
         name_or_path, kwargs["gguf_file"] = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs).to(target)
+    if "gguf_file" in kwargs:  # weights are de-quantized floats: drop the GGUF marker, which makes
+        model.hf_quantizer = None  # save_pretrained refuse (a fully fine-tuned LLM) and reloads expect a .gguf
+        del model.config.quantization_config
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -6,6 +6,7 @@ Model-agnostic and Flower-agnostic: everything works on lists of numpy arrays / 
 from fed_userllm.privacy.accounting import (
     ACCOUNTANTS,
     calibrate_noise,
+    calibrate_noise_for_plan,
     default_delta,
     epsilon,
     epsilon_from_history,
@@ -47,6 +48,7 @@ __all__ = [
     "aggregate_dp_fedavg",
     "audit",
     "calibrate_noise",
+    "calibrate_noise_for_plan",
     "clip_update",
     "default_delta",
     "epsilon",

@@ -78,6 +78,15 @@ def epsilon_from_history(history: History, delta: float, accountant: str = "rdp"
         ) from err
 
 
+def extend_history(history: History, noise_multiplier: float, sample_rate: float, steps: int) -> list[list]:
+    """``history`` with ``steps`` more steps at (noise_multiplier, sample_rate), merged into the last entry when
+    that has the same parameters (so a single-rate history stays one entry, exactly as before)."""
+    history = [list(entry) for entry in history]
+    if history and history[-1][0] == noise_multiplier and history[-1][1] == sample_rate:
+        return [*history[:-1], [noise_multiplier, sample_rate, history[-1][2] + steps]]
+    return [*history, [noise_multiplier, sample_rate, steps]]
+
+
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
     """Epsilon at `delta` after `steps` Poisson-subsampled Gaussian releases (0 for steps=0)."""
     return epsilon_from_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
@@ -118,6 +127,46 @@ def calibrate_noise(
         )
 
 
+def calibrate_noise_for_plan(
+    target_epsilon: float,
+    delta: float,
+    plan: Sequence[tuple[float, int]],
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier whose epsilon after the composed plan [(sample_rate, steps), ...] is <= target.
+
+    For runs whose phases sample at different rates (one noise multiplier for all of them). A one-entry
+    plan is exactly `calibrate_noise`; otherwise the same doubling-then-bisection search as Opacus's
+    ``get_noise_multiplier``, over the composed history.
+    """
+    if len(plan) == 1:
+        return calibrate_noise(target_epsilon, delta, plan[0][0], plan[0][1], accountant, epsilon_tolerance)
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon}")
+    if not plan:
+        raise ValueError("plan must hold at least one (sample_rate, steps) entry")
+
+    def spent(sigma: float) -> float:
+        return epsilon_from_history([(sigma, q, steps) for q, steps in plan], delta, accountant)
+
+    low, high = 0.0, 10.0
+    with warnings.catch_warnings():  # intermediate points only, as in `calibrate_noise`
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        while (eps_high := spent(high)) > target_epsilon:
+            low, high = high, 2 * high
+            if high > 1e6:
+                raise ValueError(f"target_epsilon={target_epsilon} is too low for plan={list(plan)}")
+        while target_epsilon - eps_high > epsilon_tolerance:
+            mid = (low + high) / 2
+            eps = spent(mid)
+            if eps < target_epsilon:
+                high, eps_high = mid, eps
+            else:
+                low = mid
+    return high
+
+
 def max_rounds_within_budget(
     noise_multiplier: float,
     sample_rate: float,
@@ -125,18 +174,22 @@ def max_rounds_within_budget(
     target_epsilon: float,
     accountant: str = "rdp",
     limit: int = 100_000,
+    history: History = (),
 ) -> int:
     """Largest R <= limit with epsilon(R) <= target_epsilon (0 if even one round exceeds it).
 
-    Epsilon grows monotonically with R, so an exponential then binary search needs O(log R) accountant
-    calls. `limit` bounds the search because PRV's cost grows with R (about a second at 1e5 steps).
+    R rounds at (noise_multiplier, sample_rate) are composed after ``history`` (rounds already spent,
+    possibly at other rates). Epsilon grows monotonically with R, so an exponential then binary search needs
+    O(log R) accountant calls. `limit` bounds the search because PRV's cost grows with R (about a second
+    at 1e5 steps).
     """
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon}")
     _check_steps(limit, minimum=1)
 
     def within(rounds: int) -> bool:
-        return epsilon(noise_multiplier, sample_rate, rounds, delta, accountant) <= target_epsilon
+        composed = extend_history(history, noise_multiplier, sample_rate, rounds)
+        return epsilon_from_history(composed, delta, accountant) <= target_epsilon
 
     if not within(1):
         return 0

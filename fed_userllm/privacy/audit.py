@@ -37,6 +37,8 @@ class RoundAudit:
     prv_epsilon: float
     clients_sampled: int
     clients_succeeded: int
+    sample_rate: float | None = None  # user-level: the client sampling rate q the round was charged at
+    phase: str | None = None
 
 
 @dataclass
@@ -63,7 +65,9 @@ class AuditReport:
         h = self.header
         lines = [f"Privacy ledger audit: {self.path}"]
         if h:
-            q = "per-client rates" if h.get("sample_rate") is None else f"q={h.get('sample_rate')}"
+            q = "per-client rates"
+            if h.get("sample_rate") is not None:
+                q = f"q={h.get('sample_rate')} unless a round states its own"
             lines.append(
                 f"Mechanism {h.get('mechanism')}: Poisson sampling ({q}), N={h.get('num_clients')} clients, "
                 f"sigma={h.get('noise_multiplier')}, C={h.get('clip_norm')}, delta={h.get('delta')}, "
@@ -71,10 +75,13 @@ class AuditReport:
             )
         lines.append(f"Rounds: {len(self.rounds)}; head hash {self.head_hash}")
         if self.rounds:
-            lines.append(f"{'round':>6} {'recorded':>10} {'rdp':>10} {'prv':>10} {'sampled':>8} {'succeeded':>9}")
+            lines.append(
+                f"{'round':>6} {'recorded':>10} {'rdp':>10} {'prv':>10} {'sampled':>8} {'succeeded':>9} {'q':>8} phase"
+            )
             lines += [
                 f"{r.round:>6} {r.recorded_epsilon:>10.4f} {r.rdp_epsilon:>10.4f} {r.prv_epsilon:>10.4f} "
-                f"{r.clients_sampled:>8} {r.clients_succeeded:>9}"
+                f"{r.clients_sampled:>8} {r.clients_succeeded:>9} "
+                f"{'-' if r.sample_rate is None else f'{r.sample_rate:.4g}':>8} {r.phase or '-'}"
                 for r in self.rounds
             ]
             last = self.rounds[-1]
@@ -131,7 +138,10 @@ def audit(path: str | Path, expected_head_hash: str | None = None, rel_tol: floa
         where = f"round {record.get('round')}"
         try:
             clients = {cid: tuple(v) for cid, v in record["clients"].items()} if "clients" in record else None
-            figures = {name: tracker.advance(clients) for name, tracker in trackers.items()}
+            q = None if config.mechanism == SAMPLE_LEVEL else float(record.get("sample_rate") or config.sample_rate)
+            if q is not None and not 0 < q <= 1:
+                raise ValueError(f"sample_rate {q} is not a sampling rate in (0, 1]")
+            figures = {name: tracker.advance(clients, q) for name, tracker in trackers.items()}
             row = RoundAudit(
                 round=record["round"],
                 recorded_epsilon=float(record["epsilon"]),
@@ -139,6 +149,8 @@ def audit(path: str | Path, expected_head_hash: str | None = None, rel_tol: floa
                 prv_epsilon=figures["prv"]["epsilon"],
                 clients_sampled=record["clients_sampled"],
                 clients_succeeded=record["clients_succeeded"],
+                sample_rate=q,
+                phase=record.get("phase"),
             )
         except (KeyError, TypeError, ValueError) as err:
             problems.append(f"{where}: malformed record ({err!r})")

@@ -3,7 +3,9 @@
 File format (JSON Lines, `privacy_ledger.jsonl` in the run directory):
 - line 1, the header: the mechanism and every parameter the epsilon depends on, plus library versions;
 - then one line per completed round: round, epsilon at the header's delta, clients sampled/succeeded,
-  UTC timestamp, and for sample-level DP the per-client DP-SGD steps and the max/mean client epsilon.
+  UTC timestamp, optionally the phase that ran it, for user-level DP the round's client sampling rate q
+  (phases of one run may sample at different rates; a round without one used the header's), and for
+  sample-level DP the per-client DP-SGD steps and the max/mean client epsilon.
 Every line carries `hash` = sha256(previous line's hash + canonical JSON of the line without `hash`),
 starting from 64 zeros, so an edited, deleted or reordered line breaks the chain (tamper-evident, not
 tamper-proof: someone who rewrites every later hash is caught only by `audit` recomputing epsilon from
@@ -29,10 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_userllm.privacy.accounting import ACCOUNTANTS, epsilon, epsilon_from_history, max_rounds_within_budget
+from fed_userllm.privacy.accounting import (
+    ACCOUNTANTS,
+    epsilon_from_history,
+    extend_history,
+    max_rounds_within_budget,
+)
 
 LEDGER_FILENAME = "privacy_ledger.jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: user-level rounds state their own sampling rate (1: the header's q for all)
 GENESIS_HASH = "0" * 64
 USER_LEVEL = "dp-fedavg-user"
 SAMPLE_LEVEL = "dp-sgd-sample"
@@ -63,9 +70,9 @@ class LedgerConfig:
     """Everything epsilon depends on. Any change makes resuming an existing ledger fail.
 
     mechanism: "dp-fedavg-user" (server-side DP-FedAvg; one accounting step per round, sample_rate =
-    client sampling rate q) or "dp-sgd-sample" (client-side DP-SGD; sample_rate = None since each client
-    reports its own batch/dataset rate per round). num_clients is the client population N; delta is in
-    the protected unit (users or examples).
+    client sampling rate q of rounds that do not state their own) or "dp-sgd-sample" (client-side
+    DP-SGD; sample_rate = None since each client reports its own batch/dataset rate per round).
+    num_clients is the client population N; delta is in the protected unit (users or examples).
     """
 
     mechanism: str
@@ -173,13 +180,6 @@ def read_ledger(path: str | Path) -> LedgerContents:
     return contents
 
 
-def _extend(history: list[list], sigma: float, sample_rate: float, steps: int) -> list[list]:
-    """A client's Opacus history [(sigma, q, steps), ...] with `steps` more steps at rate q."""
-    if history and history[-1][0] == sigma and history[-1][1] == sample_rate:
-        return [*history[:-1], [sigma, sample_rate, history[-1][2] + steps]]
-    return [*history, [sigma, sample_rate, steps]]
-
-
 @dataclass
 class RoundEpsilon:
     """The epsilon figures a round implies, before it is committed to an EpsilonTracker."""
@@ -187,13 +187,15 @@ class RoundEpsilon:
     fields: dict  # "epsilon" (+ "client_epsilon" for sample-level DP), as written to the ledger
     histories: dict[str, list[list]]  # sample-level: updated histories of this round's clients
     client_epsilon: dict[str, float]  # sample-level: updated epsilons of this round's clients
+    history: list[list] | None = None  # user-level: the run's history [(sigma, q, rounds), ...] after the round
 
 
 class EpsilonTracker:
     """Replays a ledger's mechanism round by round with one accountant (used by the ledger and the audit).
 
-    User-level: epsilon after r rounds = accountant(sigma, q, steps=r). Sample-level: each client has its
-    own history of DP-SGD steps; a round's epsilon is the max over clients that have trained (the
+    User-level: the run's history [(sigma, q, rounds), ...] composes every round at its own sampling rate
+    (one entry when all rounds share q: epsilon = accountant(sigma, q, steps=r)). Sample-level: each client
+    has its own history of DP-SGD steps; a round's epsilon is the max over clients that have trained (the
     guarantee every example in the federation gets) and the mean over them is reported alongside.
     """
 
@@ -201,17 +203,20 @@ class EpsilonTracker:
         self.config = config
         self.accountant = accountant
         self.rounds = 0
+        self.history: list[list] = []  # user-level
         self.histories: dict[str, list[list]] = {}
         self.client_epsilon: dict[str, float] = {}
 
-    def propose(self, clients: ClientSteps | None = None) -> RoundEpsilon:
-        """Epsilon figures after one more round (state unchanged until `commit`)."""
+    def propose(self, clients: ClientSteps | None = None, sample_rate: float | None = None) -> RoundEpsilon:
+        """Epsilon figures after one more round (state unchanged until `commit`); user-level rounds sample at
+        ``sample_rate`` (None: the header's)."""
         c = self.config
         if c.mechanism == USER_LEVEL:
-            eps = epsilon(c.noise_multiplier, c.sample_rate, self.rounds + 1, c.delta, self.accountant)
-            return RoundEpsilon({"epsilon": eps}, {}, {})
+            history = extend_history(self.history, c.noise_multiplier, sample_rate or c.sample_rate, 1)
+            eps = epsilon_from_history(history, c.delta, self.accountant)
+            return RoundEpsilon({"epsilon": eps}, {}, {}, history)
         histories = {
-            cid: _extend(self.histories.get(cid, []), c.noise_multiplier, q, steps)
+            cid: extend_history(self.histories.get(cid, []), c.noise_multiplier, q, steps)
             for cid, (q, steps) in (clients or {}).items()
         }
         updated = {cid: epsilon_from_history(h, c.delta, self.accountant) for cid, h in histories.items()}
@@ -219,12 +224,14 @@ class EpsilonTracker:
 
     def commit(self, step: RoundEpsilon) -> None:
         self.rounds += 1
+        if step.history is not None:
+            self.history = step.history
         self.histories.update(step.histories)
         self.client_epsilon.update(step.client_epsilon)
 
-    def advance(self, clients: ClientSteps | None = None) -> dict:
+    def advance(self, clients: ClientSteps | None = None, sample_rate: float | None = None) -> dict:
         """Account one more round and return its epsilon fields."""
-        step = self.propose(clients)
+        step = self.propose(clients, sample_rate)
         self.commit(step)
         return step.fields
 
@@ -236,10 +243,13 @@ class EpsilonTracker:
         c = self.config
         for record in records:
             self.rounds += 1
+            if c.mechanism == USER_LEVEL:
+                q = record.get("sample_rate") or c.sample_rate
+                self.history = extend_history(self.history, c.noise_multiplier, q, 1)
             for cid, (q, steps) in record.get("clients", {}).items():
-                self.histories[cid] = _extend(self.histories.get(cid, []), c.noise_multiplier, q, steps)
+                self.histories[cid] = extend_history(self.histories.get(cid, []), c.noise_multiplier, q, steps)
         if c.mechanism == USER_LEVEL:
-            return epsilon(c.noise_multiplier, c.sample_rate, self.rounds, c.delta, self.accountant)
+            return epsilon_from_history(self.history, c.delta, self.accountant)
         self.client_epsilon = {
             cid: epsilon_from_history(h, c.delta, self.accountant) for cid, h in self.histories.items()
         }
@@ -311,22 +321,30 @@ class PrivacyLedger:
         """Hash of the last line; keep a copy elsewhere to detect truncation of the ledger's tail."""
         return self._last["hash"]
 
-    def rounds_remaining(self) -> int | None:
-        """User-level DP with a target epsilon: rounds still affordable (None otherwise)."""
+    def rounds_remaining(self, sample_rate: float | None = None) -> int | None:
+        """User-level DP with a target epsilon: further rounds at ``sample_rate`` (None: the header's q) still
+        affordable after the rounds spent so far (None without a target or for sample-level DP)."""
         c = self.config
         if c.mechanism != USER_LEVEL or c.target_epsilon is None:
             return None
-        total = max_rounds_within_budget(c.noise_multiplier, c.sample_rate, c.delta, c.target_epsilon, c.accountant)
-        return max(total - self._tracker.rounds, 0)
+        return max_rounds_within_budget(c.noise_multiplier, sample_rate or c.sample_rate, c.delta, c.target_epsilon,
+                                        c.accountant, history=self._tracker.history)
 
     def record_round(
-        self, clients_sampled: int, clients_succeeded: int, client_steps: ClientSteps | None = None
+        self,
+        clients_sampled: int,
+        clients_succeeded: int,
+        client_steps: ClientSteps | None = None,
+        sample_rate: float | None = None,
+        phase: str | None = None,
     ) -> dict:
         """Charge the next round to the budget and append its record (write-ahead: before releasing it).
 
         client_steps (sample-level DP only, required there): for each client that succeeded, its DP-SGD
-        (sample rate, local steps) in this round. Raises PrivacyBudgetExceeded, writing nothing, if the
-        round would take epsilon above config.target_epsilon.
+        (sample rate, local steps) in this round. sample_rate (user-level only): the round's client sampling
+        rate q when it differs from the header's (e.g. a later phase samples fewer clients); the record
+        always states the q it was charged at. phase: an optional label stored with the record. Raises
+        PrivacyBudgetExceeded, writing nothing, if the round would take epsilon above config.target_epsilon.
         """
         for name, value in (("clients_sampled", clients_sampled), ("clients_succeeded", clients_succeeded)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
@@ -335,7 +353,10 @@ class PrivacyLedger:
         if clients_succeeded > clients_sampled:
             raise ValueError(f"clients_succeeded ({clients_succeeded}) > clients_sampled ({clients_sampled})")
         clients = self._check_client_steps(client_steps, clients_succeeded)
-        step = self._tracker.propose(clients)
+        if sample_rate is not None and (self.config.mechanism != USER_LEVEL or not 0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must be a client sampling rate in (0, 1] for {USER_LEVEL} rounds, got "
+                             f"{sample_rate} for {self.config.mechanism}")
+        step = self._tracker.propose(clients, sample_rate)
         target = self.config.target_epsilon
         if target is not None and step.fields["epsilon"] > target:
             raise PrivacyBudgetExceeded(
@@ -351,6 +372,10 @@ class PrivacyLedger:
             "clients_succeeded": clients_succeeded,
             "time": _now(),
         }
+        if self.config.mechanism == USER_LEVEL:
+            record["sample_rate"] = sample_rate or self.config.sample_rate
+        if phase is not None:
+            record["phase"] = phase
         if clients is not None:
             record["clients"] = {cid: [q, steps] for cid, (q, steps) in clients.items()}
         self._append(record)

@@ -36,6 +36,7 @@ from fed_userllm.models import (
     PopularityConfig,
     load_pretrained,
 )
+from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS
 from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device, seed_everything
 
 ENCODERS = {"ar": (ARUserEncoder, ARUserEncoderConfig), "dual": (DualEncoder, DualEncoderConfig),
@@ -53,6 +54,7 @@ class PretrainConfig:
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 2
+    item_dim: int = DEFAULT_FEATURE_DIMS["item"]  # item embedding width (tied with the output layer)
     dropout: float = 0.2
     epochs: int = 20
     batch_size: int = 64
@@ -87,7 +89,8 @@ def build_model(config: PretrainConfig, seq: UserSequences) -> torch.nn.Module:
         return Popularity(PopularityConfig(vocab_sizes=seq.vocab_sizes))
     model_class, config_class = ENCODERS[config.model]
     return model_class(config_class(vocab_sizes=seq.vocab_sizes, max_len=seq.max_len + 1, d_model=config.d_model,
-                                    n_layers=config.n_layers, n_heads=config.n_heads, dropout=config.dropout))
+                                    n_layers=config.n_layers, n_heads=config.n_heads, dropout=config.dropout,
+                                    feature_dims={**DEFAULT_FEATURE_DIMS, "item": config.item_dim}))
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float):

@@ -1,0 +1,123 @@
+"""The contextualize phase's model and a client's local work on it: the federated Enc strategy (PAPER.md §3).
+
+The model is a `UserLLM` whose LLM is frozen. Clients train the user encoder, the projection and the
+cross-attention blocks (or the soft prompt) on their own task examples, and only those tensors cross the
+network: the wire format of `fed_userllm.clients.task` (an ArrayRecord of exactly the trainable parameters),
+so user-level DP-FedAvg clips and noises exactly them. The LLM is loaded once per process (a simulation
+worker serves many clients, one at a time) and never sent. Every message overwrites all trainable tensors
+first, so one model object serves every client of the process; the server builds the same model to start
+the phase from the pretrained encoder and to save the result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fed_userllm.clients.config import FederatedConfig
+from fed_userllm.clients.task import build_model, load_data
+from fed_userllm.models import load_pretrained
+from fed_userllm.models.llm import load_llm
+from fed_userllm.models.userllm import UserLLM, UserLLMConfig
+from fed_userllm.runtime import resolve_device
+from fed_userllm.tasks import TASKS, Task, evaluate
+from fed_userllm.train.contextualize import (
+    ContextualizeConfig,
+    Examples,
+    load_trainable_state,
+    local_train_steps,
+    trainable_state,
+)
+
+
+@dataclass(frozen=True)
+class SharedUserLLM:
+    """A process's UserLLM, its tokenizer and its trainable tensors as initialised (seeded by ``seed``)."""
+
+    model: UserLLM
+    tokenizer: PreTrainedTokenizerBase
+    initial: dict[str, torch.Tensor]
+
+    @property
+    def llm_bytes(self) -> int:
+        """Size of the frozen LLM's parameters as loaded: what the phase never sends."""
+        return sum(p.numel() * p.element_size() for p in self.model.llm.parameters())
+
+
+def shared_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> SharedUserLLM:
+    """The process's UserLLM for ``cfg`` (the contextualize phase's settings), built on first use.
+
+    One per process on purpose: `UserLLM` hooks its cross-attention into the LLM's layers, so each model
+    needs its own LLM, and loading SmolLM2 takes seconds and half a gigabyte.
+    """
+    return _build(cfg, tuple(sorted(vocab_sizes.items())))
+
+
+@lru_cache(maxsize=1)
+def _build(cfg: FederatedConfig, vocab_items: tuple[tuple[str, int], ...]) -> SharedUserLLM:
+    llm, tokenizer = load_llm(cfg.llm, device=resolve_device(cfg.device))
+    encoder = build_model(cfg, dict(vocab_items))  # seeds torch with cfg.seed: the new layers are seeded too
+    config = UserLLMConfig(llm=cfg.llm, integration=cfg.llm_integration, xattn_ffn=cfg.llm_xattn_ffn)
+    model = UserLLM(config, encoder, llm)
+    return SharedUserLLM(model, tokenizer, trainable_state(model))
+
+
+@lru_cache(maxsize=1)
+def client_task(cfg: FederatedConfig) -> Task:
+    """The phase's task over the client's copy of the dataset (NextItem builds its title trie once)."""
+    seq = load_data(cfg.dataset, cfg.max_len)
+    return TASKS[cfg.llm_task](seq, shared_userllm(cfg, seq.vocab_sizes).tokenizer)
+
+
+def encoder_dir(source: str | Path) -> Path:
+    """The saved encoder in ``source``: a Flower run's final/, a `fed-userllm pretrain` run's best/, or itself."""
+    source = Path(source).expanduser()
+    for candidate in (source / "final", source / "best", source):
+        config = candidate / "config.json"
+        if config.is_file() and "model_type" in json.loads(config.read_text()):
+            return candidate
+    raise FileNotFoundError(f"encoder={str(source)!r}: expected a saved encoder (config.json with model_type + "
+                            "model.safetensors), a Flower run directory with final/ or a `fed-userllm pretrain` "
+                            "run directory with best/")
+
+
+def initial_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], encoder_source: str | Path) -> UserLLM:
+    """The phase's starting model: the pretrained encoder of ``encoder_source``, the new layers as initialised."""
+    shared = shared_userllm(cfg, vocab_sizes)
+    model = shared.model
+    path = encoder_dir(encoder_source)
+    pretrained = load_pretrained(path)
+    if pretrained.config != model.encoder.config:
+        raise ValueError(f"the encoder in {path} ({pretrained.config}) differs from the one the run config "
+                         f"describes ({model.encoder.config}): set model, d-model, n-layers, n-heads, item-dim, "
+                         "dropout and max-len to the pretrained encoder's")
+    load_trainable_state(model, shared.initial)
+    model.encoder.load_state_dict(pretrained.state_dict())
+    return model
+
+
+def train_local(model: UserLLM, task: Task, users: np.ndarray, cfg: FederatedConfig,
+                seed: int) -> tuple[float, int]:
+    """``local-steps`` AdamW steps on the users' own task examples; (mean loss, number of examples).
+
+    A fresh optimiser every round (nothing about a client persists on the server side); batches of
+    ``batch-size`` examples drawn from (seed, step), as in the local trainer.
+    """
+    examples = Examples(task, task.spans(users, "train", cfg.max_len), cfg.max_len)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=ContextualizeConfig.weight_decay)
+    loss = local_train_steps(model, examples, cfg.local_steps, optimizer, cfg.batch_size, seed=seed)
+    return loss, len(examples.spans)
+
+
+def evaluate_local(model: UserLLM, task: Task, users: np.ndarray, split: str,
+                   cfg: FederatedConfig) -> dict[str, float]:
+    """Summed task metrics (NextItem: Recall@1/5/10 hits, NDCG@10; FavGenre: hits) and ``n`` on ``split``."""
+    spans = task.spans(users, split, cfg.max_len)
+    return evaluate(model, task, spans, cfg.max_len, batch_size=ContextualizeConfig.eval_batch_size)

@@ -1,0 +1,178 @@
+"""The Flower app's contextualize phase (federated Enc strategy) on a tiny random LLM, in-process.
+
+Handlers: a train reply holds exactly the trainable tensors (encoder, projection, cross-attention; no LLM
+weight) and a few local steps lower the client's task loss; an evaluation reply is hit counts. Runs: pretrain
+then contextualize share one ledger that charges each phase at its own q, the audit agrees, the UserLLM is
+saved; contextualize alone starts from a given encoder. Settings that cannot work fail fast.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from llm_fixtures import save_tiny_llm
+
+from fed_userllm.clients.app import app as client_app
+from fed_userllm.clients.config import FederatedConfig
+from fed_userllm.clients.contextualize import client_task, initial_userllm, shared_userllm
+from fed_userllm.clients.task import client_users, get_arrays, load_data
+from fed_userllm.models import load_pretrained
+from fed_userllm.models.llm import load_llm
+from fed_userllm.models.userllm import UserLLM
+from fed_userllm.privacy import audit, epsilon_from_history
+from fed_userllm.server.local_grid import app_defaults, run_local
+from fed_userllm.train.contextualize import Examples, task_loss
+
+USERS = 12
+TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
+        "n-layers": 1, "n-heads": 2, "item-dim": 8, "num-rounds": 2, "batch-size": 4, "lr": 0.5, "dp-seed": 7,
+        "eval-every": 1, "eval-fraction": 0.5, "llm-rounds": 2, "llm-fraction-train": 0.25, "llm-local-steps": 3,
+        "llm-batch-size": 4, "llm-lr": 0.01, "llm-eval-fraction": 0.25}
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory) -> str:
+    return save_tiny_llm(tmp_path_factory.mktemp("llm"))
+
+
+def run_config(tmp_path: Path, llm: str, **overrides) -> dict:
+    return {**app_defaults(), **TINY, "llm": llm, "run-dir": str(tmp_path / "run"),
+            **{k.replace("_", "-"): v for k, v in overrides.items()}}
+
+
+def phase_settings(config: dict) -> FederatedConfig:
+    return FederatedConfig.from_run_config(config).for_phase("contextualize")
+
+
+def call_client(config: dict, message_type: str, content: RecordDict, partition: int) -> Message:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": partition, "num-partitions": USERS},
+                      state=RecordDict(), run_config=config)
+    reply = client_app(Message(content, dst_node_id=5, message_type=message_type), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return reply
+
+
+def initial_arrays(cfg: FederatedConfig):
+    shared = shared_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes)
+    model = shared.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(shared.initial[name])
+    return model, get_arrays(model)
+
+
+@torch.no_grad()
+def client_loss(model: UserLLM, cfg: FederatedConfig, arrays, partition: int) -> float:
+    """Mean task loss (no dropout) over fixed batches of the client's own training examples."""
+    task = client_task(cfg)
+    users = client_users(cfg, task.seq, partition)
+    examples = Examples(task, task.spans(users, "train", cfg.max_len), cfg.max_len)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.copy_(torch.from_numpy(arrays[name].numpy()))
+    model.eval()
+    return float(np.mean([task_loss(model, examples.sample(8, 123, step)[0]).item() for step in range(3)]))
+
+
+def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_loss(tmp_path, llm):
+    config = run_config(tmp_path, llm, llm_local_steps=6)
+    cfg = phase_settings(config)
+    model, arrays = initial_arrays(cfg)
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+        {"server-round": 1, "noise-multiplier": 0.0, "delta": 0.0})})
+    reply = call_client(config, "train.contextualize", content, partition=2).content
+    assert set(reply.keys()) == {"arrays", "metrics"}
+    sent = reply["arrays"]
+    trainable = set(model.trainable_parameter_names())
+    assert set(sent.keys()) == trainable == set(arrays.keys())
+    assert {name.split(".")[0] for name in trainable} == {"encoder", "projection", "xattn"}
+    assert not trainable & {f"llm.{name}" for name, _ in model.llm.named_parameters()}
+    assert all(not p.requires_grad for p in model.llm.parameters())
+    task = client_task(cfg)
+    examples = len(task.spans(client_users(cfg, task.seq, 2), "train", cfg.max_len))
+    assert dict(reply["metrics"]) == {"num-examples": examples, "steps": 6,
+                                      "train-loss": pytest.approx(reply["metrics"]["train-loss"])}
+    assert client_loss(model, cfg, sent, 2) < client_loss(model, cfg, arrays, 2)  # it learned the task
+
+
+def test_evaluate_reply_is_hit_counts_of_the_clients_own_target(tmp_path, llm):
+    config = run_config(tmp_path, llm)
+    _, arrays = initial_arrays(phase_settings(config))
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"split": "test", "server-round": 1})})
+    reply = call_client(config, "evaluate.contextualize", content, partition=3).content
+    assert set(reply.keys()) == {"metrics"}
+    metrics = dict(reply["metrics"])
+    assert set(metrics) == {"recall@1", "recall@5", "recall@10", "ndcg@10", "n"} and metrics["n"] == 1
+    assert 0 <= metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"] <= 1
+
+
+def test_pretrain_then_contextualize_share_one_ledger_charged_at_each_phases_rate(tmp_path, llm):
+    run_dir = run_local(run_config(tmp_path, llm, dp="user", fraction_train=0.5))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["round"]) for r in records] == [("pretrain", 1), ("pretrain", 2),
+                                                           ("contextualize", 1), ("contextualize", 2)]
+    for record in records[2:]:
+        assert record["llm_bytes"] > 0 and record["update_bytes"] > 0 and record["bytes_sent"] > 0
+        assert "val_recall@10" in record and record["noise_std"] > 0
+    assert "llm_bytes" not in records[0]
+
+    ledger = [json.loads(line) for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert [(e["phase"], e["sample_rate"]) for e in ledger[1:]] == [("pretrain", 0.5)] * 2 + [
+        ("contextualize", 0.25)] * 2
+    sigma = ledger[0]["noise_multiplier"]
+    composed = epsilon_from_history([(sigma, 0.5, 2), (sigma, 0.25, 2)], ledger[0]["delta"])
+    assert ledger[-1]["epsilon"] == pytest.approx(composed, rel=1e-9)
+    report = audit(run_dir)
+    assert report.ok, report.problems
+    assert report.rounds[-1].rdp_epsilon == pytest.approx(composed, rel=1e-9)
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["contextualize"]["test"]["n"] == round(0.25 * USERS)  # the fixed evaluation sample
+    assert results["pretrain"]["test"]["n"] == USERS
+    saved = UserLLM.from_pretrained(run_dir / "userllm", llm=load_llm(llm, device="cpu")[0])
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=False)["arrays"]
+    assert set(final) == set(saved.trainable_parameter_names())
+    assert all(np.array_equal(p.detach().numpy(), final[n]) for n, p in saved.named_parameters() if n in final)
+
+
+def test_contextualize_alone_starts_from_the_given_encoder(tmp_path, llm):
+    pretrained = run_local(run_config(tmp_path / "a", llm, phases="pretrain", dp="none", eval_every=0))
+    config = run_config(tmp_path / "b", llm, phases="contextualize", encoder=str(pretrained), dp="none",
+                        llm_rounds=1, eval_every=0)
+    cfg = phase_settings(config)
+    model = initial_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes, pretrained)
+    encoder = load_pretrained(pretrained / "final")
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(),
+                                                  encoder.state_dict().values(), strict=True))
+    run_dir = run_local(config)
+    assert [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
+        "contextualize"]
+    assert (run_dir / "userllm" / "encoder").is_dir()
+
+    wider = phase_settings({**config, "d-model": 32})
+    with pytest.raises(ValueError, match="d-model"):
+        initial_userllm(wider, load_data(cfg.dataset, cfg.max_len).vocab_sizes, pretrained)
+    with pytest.raises(FileNotFoundError, match="encoder="):
+        initial_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes, tmp_path / "nothing")
+
+
+def test_phase_settings_and_bad_combinations_fail_fast(tmp_path, llm):
+    cfg = phase_settings(run_config(tmp_path, llm))
+    assert (cfg.num_rounds, cfg.fraction_train, cfg.local_steps, cfg.batch_size, cfg.lr, cfg.test_fraction) == (
+        2, 0.25, 3, 4, 0.01, 0.25)
+    bad = [({"dp": "sample"}, "dp"), ({"phases": "contextualize"}, "encoder"),
+           ({"encoder": "/some/run"}, "encoder"), ({"phases": "contextualize,pretrain"}, "phases"),
+           ({"llm-task": "reviewg"}, "llm-task"), ({"llm-integration": "text"}, "llm-integration"),
+           ({"llm-fraction-train": 0.0}, "llm-fraction-train"), ({"llm": ""}, "llm"),
+           ({"llm-local-steps": 0}, "llm-local-steps")]
+    for overrides, key in bad:
+        with pytest.raises(ValueError, match=f"^{key}="):
+            FederatedConfig.from_run_config({**run_config(tmp_path, llm), **overrides})
+    with pytest.raises(ValueError, match="DP-SGD"):
+        FederatedConfig.from_run_config({**run_config(tmp_path, llm), "dp": "sample"})
