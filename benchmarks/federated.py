@@ -38,11 +38,12 @@ DATASET = "ml-latest-small"
 # The federated recipe of the utility runs: the app's model, every client in every round, a few local steps,
 # FedAdam on the server. DP runs change only dp and noise-multiplier.
 RECIPE = {"fraction-train": 0.5, "local-steps": 4, "strategy": "fedadam", "server-lr": 0.1, "num-rounds": 30,
-          "eval-every": 10}
+          "eval-every": 10, "phases": "pretrain"}  # the encoder only (the app's default adds the LLM phase)
 SIGMAS = (0.5, 1.0, 2.0)
 POPULATIONS = (10_000, 100_000)
 COHORT = 250  # expected clients per round (q = COHORT / N) in the scale runs
-SCALE = {"local-steps": 2, "strategy": "fedadam", "server-lr": 0.1, "eval-every": 0, "test-fraction": 0.02}
+SCALE = {"local-steps": 2, "strategy": "fedadam", "server-lr": 0.1, "eval-every": 0, "test-fraction": 0.02,
+         "phases": "pretrain"}
 
 
 def main() -> None:

@@ -10,9 +10,11 @@ training time. Every method is evaluated on the same fixed random subset of test
 Efficiency: LLM input tokens per example and measured prefill latency, User-LLM vs TextPrompt, at
 histories of 50, 100 and 200 events.
 
-Without --encoder, an AR encoder is pretrained first (fed_userllm.train.centralized.pretrain). Runs are
-resumable: finished variants are reused when the script is run again with the same --out. Prints one JSON
-object and writes userllm.json and userllm.png into --out.
+Without --encoder, an AR encoder is pretrained first (fed_userllm.train.centralized.pretrain). Everything
+runs in one process, one variant after the other, on one copy of the base LLM each. Runs are resumable:
+finished variants (training and test metrics) are reused when the script is run again with the same --out.
+--quick is a CPU-sized subset (fewer steps and users; no TP50-full, only the Perceiver User-LLM variants).
+Prints one JSON object and writes userllm.json and userllm.png into --out.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ source of truth, and a missing key is an error.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -152,7 +153,7 @@ class FederatedConfig:
               "'auto', 'cpu', 'cuda' or 'cuda:N'")
         self._check_contextualize(check)
 
-    def _check_contextualize(self, check) -> None:
+    def _check_contextualize(self, check: Callable[[bool, str, str], None]) -> None:
         """The contextualize phase's settings, and how it combines with the phases and DP mode."""
         check(bool(self.llm.strip()), "llm", "'smollm2' (the embedded SmolLM2-135M-Instruct), an HF id or a path")
         check(self.llm_task in LLM_TASKS, "llm-task", f"one of {LLM_TASKS}")

@@ -97,10 +97,14 @@ def test_cli_tls_and_supernode_auth_keep_running_until_sigterm(tmp_path):
         assert config["root-certificates"] == str(workdir / "certs" / "ca.crt") and "insecure" not in config
         # a SuperNode whose key was never registered is refused and gives up
         private, _ = make_supernode_keys(tmp_path / "intruder", 0)
-        intruder = subprocess.Popen([str(BIN / "flower-supernode"), "--superlink", config["address"],
-                                     "--port", str(free_port()), "--root-certificates", config["root-certificates"],
-                                     "--auth-supernode-private-key", str(private)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with (tmp_path / "intruder.log").open("w") as log:
+            intruder = subprocess.Popen([str(BIN / "flower-supernode"), "--superlink", config["address"],
+                                         "--port", str(free_port()), "--root-certificates",
+                                         config["root-certificates"], "--auth-supernode-private-key", str(private)],
+                                        stdout=log, stderr=subprocess.STDOUT,  # it starts flower-superexec
+                                        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+            assert intruder.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()
         # the printed command submits a run to the running federation
         flwr_home, *command = shlex.split(next(line for line in seen if line.strip().startswith("FLWR_HOME=")))
         run_dir = tmp_path / "run"
@@ -110,12 +114,12 @@ def test_cli_tls_and_supernode_auth_keep_running_until_sigterm(tmp_path):
         assert "fed-userllm: finished" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
         assert [r["clients_succeeded"] for r in read_records(run_dir)] == [NODES]
         assert json.loads((run_dir / "results.json").read_text())["pretrain"]["test"]["n"] == NODES
-        assert intruder.wait(timeout=60) != 0
-        assert "Failed to activate SuperNode" in intruder.stdout.read()
     finally:
         if intruder and intruder.poll() is None:
-            intruder.kill()
-            intruder.wait()
+            tree = [psutil.Process(intruder.pid), *psutil.Process(intruder.pid).children(recursive=True)]
+            for proc in tree:
+                proc.kill()
+            psutil.wait_procs(tree, timeout=10)
         cli.send_signal(signal.SIGTERM)
         cli.wait(timeout=60)
     reader.join(timeout=10)
