@@ -16,6 +16,7 @@ import time
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
@@ -48,6 +49,7 @@ class LocalGrid(Grid):
         self.run_config = run_config
         self.num_nodes = num_nodes
         self.contexts: dict[int, Context] = {}
+        self._replies: dict[str, tuple[Message, float]] = {}  # message id -> (reply, seconds taken)
         self._run = None
 
     def set_run(self, run) -> None:  # noqa: ANN001 (flwr's Run)
@@ -74,25 +76,31 @@ class LocalGrid(Grid):
         return self.contexts[node_id]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("LocalGrid delivers in send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("LocalGrid delivers in send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Deliver each message in turn; a node gets the whole ``timeout`` (nodes run in parallel in a real
-        federation), and a reply that takes longer is lost, as it would be after the server's deadline."""
-        replies = []
+        """Deliver each message to its node now; keep the reply (and how long the node took) for pulling."""
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's InMemoryGrid does
             began = time.monotonic()
             try:
                 reply = client_app(message, self.context(message.metadata.dst_node_id))
             except Exception as err:  # noqa: BLE001 (what Flower's engines do with a failing ClientApp)
                 reply = Message(Error(code=1, reason=repr(err)), reply_to=message)
-            if timeout is None or time.monotonic() - began <= timeout:
-                replies.append(reply)
-        return replies
+            self._replies[message.metadata.message_id] = (reply, time.monotonic() - began)
+            ids.append(message.metadata.message_id)
+        return ids
 
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to ``message_ids`` that have not been pulled yet."""
+        return [self._replies.pop(i)[0] for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Push, then pull. A node gets the whole ``timeout`` (nodes run in parallel in a real federation);
+        a reply that took longer is lost, as it would be after the server's deadline."""
+        ids = self.push_messages(messages)
+        late = {i for i in ids if timeout is not None and self._replies[i][1] > timeout}
+        for i in late:
+            del self._replies[i]
+        return list(self.pull_messages(i for i in ids if i not in late))
 
 def run_local(overrides: dict, app_dir: Path = APP) -> Path:
     """Run the Flower app's ServerApp over a `LocalGrid` of one node per partition; return the run dir."""

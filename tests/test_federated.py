@@ -425,6 +425,19 @@ def test_messages_go_out_in_batches_of_max_in_flight(tmp_path):
     assert json.loads(metrics[0])["clients_succeeded"] == USERS
 
 
+def test_local_grid_push_then_pull_returns_each_reply_once(tmp_path):
+    config = run_config(tmp_path)
+    grid = LocalGrid(config, USERS)
+    nodes = grid.get_node_ids()[:3]
+    ids = list(grid.push_messages([Message(RecordDict(), dst_node_id=n, message_type="query.describe")
+                                   for n in nodes]))
+    assert len(set(ids)) == 3
+    replies = list(grid.pull_messages(ids))
+    assert sorted(r.metadata.src_node_id for r in replies) == sorted(nodes)
+    assert all(int(r.content["federation"]["num-clients"]) == USERS for r in replies)
+    assert list(grid.pull_messages(ids)) == []  # pulled once
+
+
 def test_server_refuses_a_federation_with_the_wrong_number_of_nodes(tmp_path):
     config = run_config(tmp_path)
     with pytest.raises(RuntimeError, match=f'num-supernodes={USERS}'):
