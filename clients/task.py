@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.data import Partitioner, UserSequences, load_sequences
 from fed_userllm.eval.evaluate import evaluation_sums
-from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS
+from fed_userllm.models.layers import with_item_dim
 from fed_userllm.train.centralized import ENCODERS
 
 
@@ -30,10 +30,9 @@ def build_model(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> torch.nn.M
     """A fresh encoder of ``cfg.model`` (seeded by ``cfg.seed``, so server and tests agree on round 0)."""
     torch.manual_seed(cfg.seed)
     model_class, config_class = ENCODERS[cfg.model]
-    dims = {**DEFAULT_FEATURE_DIMS, "item": cfg.item_dim}
-    return model_class(config_class(vocab_sizes=vocab_sizes, max_len=cfg.max_len + 1, d_model=cfg.d_model,
-                                    n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
-                                    feature_dims=dims))
+    return model_class(with_item_dim(config_class(vocab_sizes=vocab_sizes, max_len=cfg.max_len + 1,
+                                                  d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                                                  dropout=cfg.dropout), cfg.item_dim))
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -25,6 +25,7 @@ from fed_userllm.clients.task import build_model, get_arrays, load_data
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
+from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS
 from fed_userllm.privacy import LedgerError, audit
 from fed_userllm.server import runner
 from fed_userllm.server.local_grid import LocalGrid, app_defaults
@@ -472,3 +473,10 @@ def test_user_dp_needs_noise_or_a_target(tmp_path):
     config = run_config(tmp_path, dp="user", noise_multiplier=0.0, target_epsilon=5.0)
     cfg = FederatedConfig.from_run_config(config)
     assert cfg.target_epsilon == 5.0
+
+
+@pytest.mark.parametrize("model", ["ar", "dual", "bert4rec"])
+def test_every_encoder_builds_with_the_configured_item_width(tmp_path, model):
+    encoder = global_model(run_config(tmp_path, model=model, item_dim=8))
+    assert encoder.config.feature_dims["item"] == 8
+    assert all(dim == DEFAULT_FEATURE_DIMS[f] for f, dim in encoder.config.feature_dims.items() if f != "item")

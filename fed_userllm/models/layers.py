@@ -8,7 +8,7 @@ per-sample gradient rules for (nn.Linear, nn.Embedding, nn.LayerNorm); attention
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -61,6 +61,11 @@ class EncoderConfig:
             raise ValueError(f"n_layers={self.n_layers}, max_len={self.max_len}: expected both >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: expected 0 <= dropout < 1")
+
+
+def with_item_dim(config: EncoderConfig, item_dim: int) -> EncoderConfig:
+    """``config`` with item embeddings ``item_dim`` wide, the other features keeping their widths."""
+    return replace(config, feature_dims={**config.feature_dims, "item": item_dim})
 
 
 def check_per_feature(name: str, values: dict, features: tuple[str, ...], kind: type) -> dict:

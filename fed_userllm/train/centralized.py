@@ -36,7 +36,7 @@ from fed_userllm.models import (
     PopularityConfig,
     load_pretrained,
 )
-from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS
+from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS, with_item_dim
 from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device, seed_everything
 
 ENCODERS = {"ar": (ARUserEncoder, ARUserEncoderConfig), "dual": (DualEncoder, DualEncoderConfig),
@@ -88,9 +88,9 @@ def build_model(config: PretrainConfig, seq: UserSequences) -> torch.nn.Module:
     if config.model == "popularity":
         return Popularity(PopularityConfig(vocab_sizes=seq.vocab_sizes))
     model_class, config_class = ENCODERS[config.model]
-    return model_class(config_class(vocab_sizes=seq.vocab_sizes, max_len=seq.max_len + 1, d_model=config.d_model,
-                                    n_layers=config.n_layers, n_heads=config.n_heads, dropout=config.dropout,
-                                    feature_dims={**DEFAULT_FEATURE_DIMS, "item": config.item_dim}))
+    return model_class(with_item_dim(config_class(vocab_sizes=seq.vocab_sizes, max_len=seq.max_len + 1,
+                                                  d_model=config.d_model, n_layers=config.n_layers,
+                                                  n_heads=config.n_heads, dropout=config.dropout), config.item_dim))
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float):
