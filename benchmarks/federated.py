@@ -35,10 +35,13 @@ from fed_userllm.server.local_grid import app_defaults, run_local  # noqa: E402
 from fed_userllm.train.centralized import PretrainConfig, pretrain  # noqa: E402
 
 DATASET = "ml-latest-small"
-# The federated recipe of the utility runs: the app's model, every client in every round, a few local steps,
-# FedAdam on the server. DP runs change only dp and noise-multiplier.
-RECIPE = {"fraction-train": 0.5, "local-steps": 4, "strategy": "fedadam", "server-lr": 0.1, "num-rounds": 30,
-          "eval-every": 10, "phases": "pretrain"}  # the encoder only (the app's default adds the LLM phase)
+# The federated recipe of the utility runs: the app's model; each client joins a round with q = 0.1 (~61 of
+# 610) and takes one local SGD step on a batch of its own windows; FedAdam on the server with a cosine-decayed
+# learning rate (FedSGD with a server-side Adam: the federated counterpart of centralized AdamW). DP runs change
+# only dp and noise-multiplier. The no-DP run fixes its cohort seed (dp-seed) so that it is reproducible; DP
+# runs keep theirs secret, as privacy amplification by sampling requires.
+RECIPE = {"fraction-train": 0.1, "local-steps": 1, "lr": 1.0, "strategy": "fedadam", "server-lr": 0.02,
+          "server-lr-schedule": "cosine", "num-rounds": 400, "eval-every": 50, "phases": "pretrain"}
 SIGMAS = (0.5, 1.0, 2.0)
 POPULATIONS = (10_000, 100_000)
 COHORT = 250  # expected clients per round (q = COHORT / N) in the scale runs
@@ -69,7 +72,7 @@ def main() -> None:
         jobs["popularity"] = ("centralized", asdict(PretrainConfig(dataset=DATASET, model="popularity")))
         jobs["centralized"] = ("centralized", asdict(central))
         recipe = {**RECIPE, "num-rounds": args.rounds, "dataset": DATASET}
-        jobs["federated-no-dp"] = ("federated", {**recipe, "dp": "none"})
+        jobs["federated-no-dp"] = ("federated", {**recipe, "dp": "none", "dp-seed": 1})
         for sigma in SIGMAS:
             jobs[f"federated-dp-sigma{sigma:g}"] = ("federated", {**recipe, "dp": "user", "noise-multiplier": sigma})
     if "scale" in parts:

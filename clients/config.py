@@ -22,6 +22,7 @@ PHASE_NAMES = ("pretrain", "contextualize")
 LLM_TASKS = ("nextitem", "favgenre")  # ReviewG needs review text, which the Flower app's data layer does not load
 LLM_INTEGRATIONS = ("xattn", "softprompt")
 STRATEGIES = ("fedavg", "fedadam")
+LR_SCHEDULES = ("constant", "cosine")
 DP_MODES = ("none", "user", "sample")
 ACCOUNTANTS = ("rdp", "prv")
 FAULT_KINDS = ("error", "hang")
@@ -63,6 +64,7 @@ class FederatedConfig:
     lr: float
     strategy: str
     server_lr: float  # FedAdam's server learning rate (eta); FedAvg applies the average as is
+    server_lr_schedule: str  # constant | cosine (eta decays to 0 over the phase's rounds)
     dp: str
     noise_multiplier: float
     clip_norm: float  # user DP: L2 bound of a client's update; sample DP: per-example gradient bound
@@ -123,6 +125,7 @@ class FederatedConfig:
         check(self.dp in DP_MODES, "dp", f"one of {DP_MODES}")
         check(self.accountant in ACCOUNTANTS, "accountant", f"one of {ACCOUNTANTS}")
         check(self.fault_kind in FAULT_KINDS, "fault-kind", f"one of {FAULT_KINDS}")
+        check(self.server_lr_schedule in LR_SCHEDULES, "server-lr-schedule", f"one of {LR_SCHEDULES}")
         check(self.on_short_round in SHORT_ROUND_POLICIES, "on-short-round", f"one of {SHORT_ROUND_POLICIES}")
         for key in ("max-len", "users-per-client", "d-model", "n-layers", "n-heads", "item-dim", "num-rounds",
                     "local-epochs", "batch-size", "threads"):

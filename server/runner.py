@@ -34,6 +34,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam
 
 from fed_userllm.clients.config import PHASE_NAMES, FederatedConfig
 from fed_userllm.clients.contextualize import initial_userllm
@@ -62,7 +63,7 @@ from fed_userllm.runtime import (
     set_threads,
 )
 from fed_userllm.server.plots import plot_run
-from fed_userllm.server.strategy import build_strategy, load_strategy_state, strategy_state
+from fed_userllm.server.strategy import build_strategy, load_strategy_state, server_lr, strategy_state
 
 # Settings that may differ when resuming (they do not change what is computed).
 RESUMABLE = ("resume", "run_dir", "round_timeout", "max_in_flight", "threads", "device")
@@ -201,11 +202,13 @@ class RunState:
                     cfg.target_epsilon)
                 break
             began = time.time()
+            if isinstance(strategy, FedAdam):
+                strategy.eta = server_lr(cfg, rnd)
             outcome = self.train_round(phase, strategy, arrays, rnd)
             if outcome is None:
                 break
             arrays, record = outcome
-            record |= sizes
+            record |= sizes | ({"server_lr": strategy.eta} if isinstance(strategy, FedAdam) else {})
             if cfg.eval_every and rnd % cfg.eval_every == 0:
                 eval_began = time.time()
                 val, (sent, received) = self.evaluate(phase, arrays, eval_nodes, "val", rnd)

@@ -24,6 +24,8 @@ showed up (the expected cohort q*N); that is the mechanism the Opacus RDP/PRV ac
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -111,6 +113,13 @@ def build_strategy(cfg: FederatedConfig, seed: int, noise_multiplier: float) -> 
     if user_dp:
         strategy.clip_norm, strategy.noise_multiplier = cfg.clip_norm, noise_multiplier
     return strategy
+
+
+def server_lr(cfg: FederatedConfig, server_round: int) -> float:
+    """FedAdam's server learning rate for ``server_round`` (1-based) under ``server-lr-schedule``."""
+    if cfg.server_lr_schedule == "constant":
+        return cfg.server_lr
+    return cfg.server_lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / cfg.num_rounds))
 
 
 def strategy_state(strategy: Strategy) -> dict:

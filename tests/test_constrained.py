@@ -28,12 +28,17 @@ def test_trie_handles_shared_prefixes_and_duplicates():
         TitleTrie([[5, 2]], eos_token_id=2, item_ids=[0, 1])
 
 
-def title_logprob(model, prompt_ids, title_ids, users=None) -> float:
-    """Teacher-forced log P(title + EOS | prompt) for one example."""
+def title_logprob(model, prompt_ids, title_ids, trie, users=None) -> float:
+    """Teacher-forced log P(title + EOS | prompt, the answer is a title): each step renormalized over the tokens
+    the trie allows there."""
     ids = torch.tensor([prompt_ids + title_ids])
     logits = model(users, ids).logits if users is not None else model(input_ids=ids).logits
-    logp = logits[0, -len(title_ids) - 1 : -1].log_softmax(-1)
-    return logp.gather(-1, torch.tensor(title_ids)[:, None]).sum().item()
+    logits = logits[0, -len(title_ids) - 1 : -1]
+    total = 0.0
+    for j, token in enumerate(title_ids):
+        allowed = trie.allowed(title_ids[:j])
+        total += logits[j, allowed].log_softmax(-1)[allowed.index(token)].item()
+    return total
 
 
 def exact_ranking(model, tok, trie, k, users=None) -> list[list[int]]:
@@ -41,7 +46,7 @@ def exact_ranking(model, tok, trie, k, users=None) -> list[list[int]]:
     for i, prompt in enumerate(PROMPTS):
         user = None if users is None else {key: v[i : i + 1] for key, v in users.items()}
         p = tok(prompt)["input_ids"]
-        scored = sorted(trie.items.items(), key=lambda kv: -title_logprob(model, p, list(kv[0]), user))
+        scored = sorted(trie.items.items(), key=lambda kv: -title_logprob(model, p, list(kv[0]), trie, user))
         out.append([item for _, items in scored for item in items][:k])
     return out
 

@@ -371,12 +371,15 @@ def test_resume_refuses_a_ledger_that_lost_charged_rounds(tmp_path):
 
 
 def test_run_directory_holds_config_metrics_checkpoint_model_ledger_and_plots(tmp_path):
-    config = run_config(tmp_path, dp="user", strategy="fedadam", noise_multiplier=0.0, target_epsilon=20.0)
+    config = run_config(tmp_path, dp="user", strategy="fedadam", noise_multiplier=0.0, target_epsilon=20.0,
+                        server_lr_schedule="cosine")
     run_dir = run(InProcessGrid(config), FederatedConfig.from_run_config(config))
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["num_clients"] == USERS and saved["settings"]["strategy"] == "fedadam"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
+    eta = DEFAULTS["server-lr"]
+    assert [r["server_lr"] for r in records] == pytest.approx([eta, eta / 2])  # cosine over 2 rounds
     for record in records:
         assert {"train_loss", "epsilon", "delta", "round_seconds", "bytes_sent", "bytes_received",
                 "val_recall@10", "val_ndcg@10", "clients_sampled"} <= set(record)

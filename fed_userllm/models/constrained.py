@@ -2,7 +2,10 @@
 
 Every title is tokenized with the LLM tokenizer and terminated with EOS; a token trie over these sequences
 restricts each beam step to continuations of real titles, so beam search with K beams returns K titles ranked
-by sequence log-probability. Titles that share a prefix ("Alien", "Alien 3") and duplicate titles (several
+by their probability among the catalog's titles: after the trie mask each step's log-probabilities are
+renormalized over the allowed tokens (`RenormalizeAllowed`). Without that a title's score is its unnormalized
+LM probability, where every extra token costs probability even when the trie forces it: short titles win
+regardless of the user. Titles that share a prefix ("Alien", "Alien 3") and duplicate titles (several
 items, one title) are both handled: each complete sequence maps to the list of its item ids.
 """
 
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 
 class TitleTrie:
@@ -67,6 +70,16 @@ class TitleTrie:
         return self.items.get(tuple(tokens[: tokens.index(self.eos_token_id) + 1]), [])
 
 
+class RenormalizeAllowed(LogitsProcessor):
+    """Log-softmax again after the trie's mask: the allowed tokens' probabilities sum to 1 at every step, so a
+    title's beam score is log P(title | the LLM chooses among the catalog titles). Runs after generate's
+    built-in processors (hence after ``prefix_allowed_tokens_fn``); a row with no finite score is kept."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        finite = torch.isfinite(scores).any(dim=-1, keepdim=True)
+        return torch.where(finite, scores.log_softmax(dim=-1), scores)
+
+
 def rank_titles(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -79,7 +92,8 @@ def rank_titles(
     """Top-k item ids per prompt by constrained beam search -> LongTensor [B, k] (-1 where fewer were found).
 
     ``model`` is a ``UserLLM`` (pass ``batch_user``) or a plain HF causal LM (text-only baseline). Titles are
-    ranked by total log-probability (length_penalty=0) unless overridden in ``generate_kwargs``.
+    ranked by total log-probability among the titles (`RenormalizeAllowed`, length_penalty=0) unless overridden
+    in ``generate_kwargs`` (``logits_processor=LogitsProcessorList()`` ranks by unnormalized LM probability).
     """
     trie = titles if isinstance(titles, TitleTrie) else TitleTrie.from_titles(titles, tokenizer)
     if not 1 <= k <= trie.num_distinct:
@@ -91,6 +105,7 @@ def rank_titles(
     kwargs = dict(
         max_new_tokens=trie.max_len, num_beams=k, num_return_sequences=k, do_sample=False, length_penalty=0.0,
         eos_token_id=trie.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        logits_processor=LogitsProcessorList([RenormalizeAllowed()]),
     )
     kwargs.update(generate_kwargs)
     if batch_user is None:
