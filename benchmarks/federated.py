@@ -167,6 +167,9 @@ def plot(rows: dict, path: Path) -> None:
                     if k.startswith("scale-") and k.endswith("timing"))
     if timing:
         right.plot([t[0] for t in timing], [t[1] for t in timing], "o-", label=f"~{COHORT} clients per round")
+    double = [(r["num_clients"], r["median_round_seconds"]) for k, r in rows.items() if k.endswith("2x-cohort")]
+    if double:
+        right.plot(*zip(*double, strict=True), "s", color="C1", label=f"~{2 * COHORT} clients per round")
         right.set_xscale("log")
         right.set_ylim(bottom=0)
     right.set(xlabel="population (clients)", ylabel="seconds per round", title="round time vs population")
