@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(ctx, ContextualizeConfig)
     ctx.set_defaults(func=_contextualize)
 
-    evl = commands.add_parser("evaluate-llm", help="task metrics of a contextualization run")
+    evl = commands.add_parser("evaluate-llm", help="task metrics of a contextualization run or a Flower run's userllm/")
     evl.add_argument("run_dir")
     evl.add_argument("--split", choices=("val", "test"), default="test")
     evl.add_argument("--num-users", type=int, default=None, help="default: the run's eval_users")

@@ -25,7 +25,7 @@ from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import UserLLM
 from fed_userllm.privacy import audit, epsilon_from_history
 from fed_userllm.server.local_grid import app_defaults, run_local
-from fed_userllm.train.contextualize import Examples, task_loss
+from fed_userllm.train.contextualize import Examples, evaluate_llm, load_model, task_loss
 
 USERS = 12
 TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
@@ -139,6 +139,11 @@ def test_pretrain_then_contextualize_share_one_ledger_charged_at_each_phases_rat
     final = torch.load(run_dir / "checkpoint.pt", weights_only=False)["arrays"]
     assert set(final) == set(saved.trainable_parameter_names())
     assert all(np.array_equal(p.detach().numpy(), final[n]) for n, p in saved.named_parameters() if n in final)
+
+    loaded, task, config = load_model(run_dir, device="cpu")  # what `fed-userllm evaluate-llm RUN_DIR` reads
+    assert task.name == "nextitem" and config.history_len == 8
+    assert all(np.array_equal(p.detach().numpy(), final[n]) for n, p in loaded.named_parameters() if n in final)
+    assert evaluate_llm(run_dir, "test", num_users=USERS, device="cpu", progress=False)["n"] == USERS
 
 
 def test_contextualize_alone_starts_from_the_given_encoder(tmp_path, llm):

@@ -339,12 +339,19 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: 
 
 
 def load_model(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Task, ContextualizeConfig]:
-    """The trained model of a finished run, its task and its config."""
+    """The trained model of a finished run (`contextualize`, or a Flower run's ``userllm/``), its task and
+    its config."""
     run_dir = Path(run_dir)
-    if not (run_dir / "model").is_dir():
-        raise FileNotFoundError(f"{run_dir}: no trained model (expected {run_dir / 'model'}/)")
-    config = ContextualizeConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     target = resolve_device(device)
+    if (run_dir / "userllm").is_dir():
+        config = _flower_run_config(run_dir)
+        llm, tokenizer = load_llm(config.llm, device=target)
+        task = TASKS[config.task](load_sequences(config.dataset, max_len=config.history_len), tokenizer)
+        return UserLLM.from_pretrained(run_dir / "userllm", llm=llm).eval(), task, config
+    if not (run_dir / "model").is_dir():
+        raise FileNotFoundError(f"{run_dir}: no trained model (expected {run_dir / 'model'}/, or userllm/ in a "
+                                "Flower run directory)")
+    config = ContextualizeConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     if config.integration == "text" and config.strategy == "full":
         llm, tokenizer = load_llm(str(run_dir / "model"), device=target)
         return llm, load_task(config, tokenizer), config
@@ -355,6 +362,14 @@ def load_model(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Ta
         frozen = None if config.strategy != "proj" else load_pretrained(Path(config.encoder) / "best", target)
         model = UserLLM.from_pretrained(run_dir / "model", llm=llm, encoder=frozen)
     return model.eval(), load_task(config, tokenizer), config
+
+
+def _flower_run_config(run_dir: Path) -> ContextualizeConfig:
+    """The contextualize settings of a Flower run (its config.json holds the app's run config)."""
+    settings = json.loads((run_dir / "config.json").read_text())["settings"]
+    return ContextualizeConfig(encoder=str(run_dir / "final"), dataset=settings["dataset"], llm=settings["llm"],
+                               task=settings["llm_task"],
+                               integration=settings["llm_integration"], history_len=settings["max_len"])
 
 
 def evaluate_llm(run_dir: str | Path, split: str = "test", num_users: int | None = None, device: str = "auto",
