@@ -170,6 +170,7 @@ def plot(rows: dict, path: Path) -> None:
     double = [(r["num_clients"], r["median_round_seconds"]) for k, r in rows.items() if k.endswith("2x-cohort")]
     if double:
         right.plot(*zip(*double, strict=True), "s", color="C1", label=f"~{2 * COHORT} clients per round")
+    if timing or double:
         right.set_xscale("log")
         right.set_ylim(bottom=0)
     right.set(xlabel="population (clients)", ylabel="seconds per round", title="round time vs population")

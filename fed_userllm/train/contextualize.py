@@ -366,7 +366,11 @@ def load_model(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Ta
 
 def _flower_run_config(run_dir: Path) -> ContextualizeConfig:
     """The contextualize settings of a Flower run (its config.json holds the app's run config)."""
-    settings = json.loads((run_dir / "config.json").read_text())["settings"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    if "settings" not in saved:
+        raise ValueError(f"{run_dir / 'config.json'}: no 'settings' field; a directory with userllm/ is expected "
+                         "to be a Flower run directory (its config.json holds the app's run config)")
+    settings = saved["settings"]
     return ContextualizeConfig(encoder=str(run_dir / "final"), dataset=settings["dataset"], llm=settings["llm"],
                                task=settings["llm_task"],
                                integration=settings["llm_integration"], history_len=settings["max_len"])
