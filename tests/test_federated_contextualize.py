@@ -3,7 +3,8 @@
 Handlers: a train reply holds exactly the trainable tensors (encoder, projection, cross-attention; no LLM
 weight) and a few local steps lower the client's task loss; an evaluation reply is hit counts. Runs: pretrain
 then contextualize share one ledger that charges each phase at its own q, the audit agrees, the UserLLM is
-saved; contextualize alone starts from a given encoder. Settings that cannot work fail fast.
+saved; contextualize alone starts from a given encoder; a run killed inside the LLM phase resumes to the
+uninterrupted result without charging a round twice. Settings that cannot work fail fast.
 """
 
 import json
@@ -24,6 +25,7 @@ from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import UserLLM
 from fed_userllm.privacy import audit, epsilon_from_history
+from fed_userllm.server import runner
 from fed_userllm.server.local_grid import app_defaults, run_local
 from fed_userllm.train.contextualize import Examples, evaluate_llm, load_model, task_loss
 
@@ -181,3 +183,35 @@ def test_phase_settings_and_bad_combinations_fail_fast(tmp_path, llm):
             FederatedConfig.from_run_config({**run_config(tmp_path, llm), **overrides})
     with pytest.raises(ValueError, match="DP-SGD"):
         FederatedConfig.from_run_config({**run_config(tmp_path, llm), "dp": "sample"})
+
+
+def test_a_run_killed_inside_the_contextualize_phase_resumes_to_the_uninterrupted_result(tmp_path, llm, monkeypatch):
+    common = {"dp": "user", "fraction_train": 0.5, "eval_every": 0}
+    whole = run_local(run_config(tmp_path / "whole", llm, **common))
+    broken = run_config(tmp_path / "broken", llm, **common)
+    real_append = runner.append_jsonl
+
+    def crash(path, record):  # after the ledger charged contextualize round 2, before its checkpoint
+        if record.get("phase") == "contextualize" and record.get("round") == 2:
+            raise KeyboardInterrupt("server killed in the LLM phase")
+        real_append(path, record)
+
+    monkeypatch.setattr(runner, "append_jsonl", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(broken)
+    monkeypatch.setattr(runner, "append_jsonl", real_append)
+    run_dir = Path(broken["run-dir"])
+    assert not (run_dir / "userllm").exists()
+    run_local({**broken, "resume": True})
+
+    def ledger(directory: Path) -> list[tuple]:
+        lines = [json.loads(x) for x in (directory / "privacy_ledger.jsonl").read_text().splitlines()[1:]]
+        return [(x["phase"], x["round"], x["epsilon"]) for x in lines]
+
+    assert ledger(run_dir) == ledger(whole)  # contextualize round 2 charged once, not twice
+    assert [ph for ph, _, _ in ledger(run_dir)] == ["pretrain"] * 2 + ["contextualize"] * 2
+    assert audit(run_dir).ok
+    a = torch.load(run_dir / "checkpoint.pt", weights_only=False)["arrays"]
+    b = torch.load(whole / "checkpoint.pt", weights_only=False)["arrays"]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert (run_dir / "userllm").is_dir()
