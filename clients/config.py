@@ -16,10 +16,11 @@ from pathlib import Path
 
 from fed_userllm.data import DEFAULT_DATASET
 from fed_userllm.data.download import VARIANTS
+from fed_userllm.data.reviews import detect_reviews
 from fed_userllm.train.centralized import ENCODERS
 
 PHASE_NAMES = ("pretrain", "contextualize")
-LLM_TASKS = ("nextitem", "favgenre")  # ReviewG needs review text, which the Flower app's data layer does not load
+LLM_TASKS = ("nextitem", "favgenre", "reviewg")  # reviewg: an Amazon / Google Local review folder as dataset
 LLM_INTEGRATIONS = ("xattn", "softprompt")
 STRATEGIES = ("fedavg", "fedadam")
 LR_SCHEDULES = ("constant", "cosine")
@@ -160,6 +161,10 @@ class FederatedConfig:
         """The contextualize phase's settings, and how it combines with the phases and DP mode."""
         check(bool(self.llm.strip()), "llm", "'smollm2' (the embedded SmolLM2-135M-Instruct), an HF id or a path")
         check(self.llm_task in LLM_TASKS, "llm-task", f"one of {LLM_TASKS}")
+        check(self.llm_task != "reviewg" or "contextualize" not in self.phase_names
+              or detect_reviews(self.dataset) is not None, "llm-task",
+              "nextitem or favgenre unless dataset is an Amazon / Google Local review folder (reviewg needs "
+              "review text)")
         check(self.llm_integration in LLM_INTEGRATIONS, "llm-integration", f"one of {LLM_INTEGRATIONS}")
         for key in ("llm-rounds", "llm-local-steps", "llm-batch-size"):
             check(getattr(self, key.replace("-", "_")) >= 1, key, "an integer >= 1")

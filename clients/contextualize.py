@@ -26,10 +26,11 @@ from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig
 from fed_userllm.runtime import resolve_device
-from fed_userllm.tasks import TASKS, Task, evaluate
+from fed_userllm.tasks import Task, evaluate
 from fed_userllm.train.contextualize import (
     ContextualizeConfig,
     Examples,
+    dataset_task,
     load_trainable_state,
     local_train_steps,
     trainable_state,
@@ -71,8 +72,8 @@ def _build(cfg: FederatedConfig, vocab_items: tuple[tuple[str, int], ...]) -> Sh
 @lru_cache(maxsize=1)
 def client_task(cfg: FederatedConfig) -> Task:
     """The phase's task over the client's copy of the dataset (NextItem builds its title trie once)."""
-    seq = load_data(cfg.dataset, cfg.max_len)
-    return TASKS[cfg.llm_task](seq, shared_userllm(cfg, seq.vocab_sizes).tokenizer)
+    tokenizer = shared_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes).tokenizer
+    return dataset_task(cfg.llm_task, cfg.dataset, cfg.max_len, tokenizer)
 
 
 def encoder_dir(source: str | Path) -> Path:

@@ -4,7 +4,8 @@ Handlers: a train reply holds exactly the trainable tensors (encoder, projection
 weight) and a few local steps lower the client's task loss; an evaluation reply is hit counts. Runs: pretrain
 then contextualize share one ledger that charges each phase at its own q, the audit agrees, the UserLLM is
 saved; contextualize alone starts from a given encoder; a run killed inside the LLM phase resumes to the
-uninterrupted result without charging a round twice. Settings that cannot work fail fast.
+uninterrupted result without charging a round twice; ReviewG runs on an Amazon review folder. Settings that
+cannot work fail fast.
 """
 
 import json
@@ -215,3 +216,17 @@ def test_a_run_killed_inside_the_contextualize_phase_resumes_to_the_uninterrupte
     b = torch.load(whole / "checkpoint.pt", weights_only=False)["arrays"]
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert (run_dir / "userllm").is_dir()
+
+
+def test_reviewg_runs_federated_on_an_amazon_review_folder(tmp_path, llm):
+    folder = str(Path(__file__).parent / "fixtures" / "amazon")
+    config = run_config(tmp_path, llm, dataset=folder, max_len=4, dp="none", llm_task="reviewg",
+                        fraction_train=1.0, eval_fraction=1.0, llm_fraction_train=1.0, llm_eval_fraction=1.0)
+    with pytest.warns(UserWarning, match="skipped"):  # the fixture holds duplicate and untitled reviews
+        run_dir = run_local(config)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["contextualize"]["test"]) == {"rouge1", "rouge2", "rougeL", "n"}
+    assert results["contextualize"]["test"]["n"] == 3 and results["pretrain"]["test"]["n"] == 3
+    assert all(0 <= results["contextualize"]["test"][k] <= 1 for k in ("rouge1", "rouge2", "rougeL"))
+    with pytest.raises(ValueError, match="llm-task='reviewg': expected nextitem or favgenre unless dataset"):
+        FederatedConfig.from_run_config(run_config(tmp_path / "ml", llm, llm_task="reviewg"))

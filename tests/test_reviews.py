@@ -134,3 +134,15 @@ def test_bad_metadata_and_folders(tmp_path):
     shutil.copy(AMAZON / "Movies_and_TV.json.gz", folder / "Books.json.gz")
     with pytest.raises(DataError, match="expected one meta_"):
         read_reviews(folder)
+
+
+def test_load_sequences_reads_a_review_folder_like_any_dataset():
+    """What `fed-userllm pretrain --dataset FOLDER` and the Flower app load: the review readers' sequences."""
+    from fed_userllm.data import load_sequences
+
+    expected = review_sequences(read_google_local(*detect_reviews(GOOGLE)[1:]), max_len=4)
+    seq = load_sequences(str(GOOGLE), max_len=4)
+    assert seq.num_users == expected.num_users and seq.vocab_sizes == expected.vocab_sizes
+    for f in ("item", "rating"):
+        np.testing.assert_array_equal(seq.features[f], expected.features[f])
+    np.testing.assert_array_equal(seq.offsets, expected.offsets)

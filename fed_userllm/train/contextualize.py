@@ -32,7 +32,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fed_userllm.data import DEFAULT_DATASET, load_sequences
-from fed_userllm.data.reviews import detect_reviews, event_texts, read_reviews, review_sequences
+from fed_userllm.data.reviews import detect_reviews, event_texts, read_reviews
 from fed_userllm.data.sequences import UserSequences
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
@@ -135,24 +135,24 @@ def load_task(config: ContextualizeConfig, tokenizer: PreTrainedTokenizerBase) -
     """The task over the run's dataset: MovieLens / synthetic through the data layer, review folders here."""
     run = _encoder_run(config) if config.encoder else {}
     dataset = config.dataset or run.get("dataset") or DEFAULT_DATASET
-    max_len = run.get("max_len", config.history_len)
-    texts, noun = None, "movie"
+    return dataset_task(config.task, dataset, run.get("max_len", config.history_len), tokenizer,
+                        config.review_field, config.noun, config.max_target_tokens)
+
+
+def dataset_task(name: str, dataset: str, max_len: int, tokenizer: PreTrainedTokenizerBase,
+                 review_field: str = "text", noun: str | None = None, max_target_tokens: int = 64) -> Task:
+    """Task ``name`` over ``dataset`` (windows of ``max_len``); items are movies, or items (Amazon) / places
+    (Google Local) in a review folder, whose review texts are ReviewG's targets."""
     found = detect_reviews(dataset)
-    if found:
-        data = read_reviews(dataset)
-        seq: UserSequences = review_sequences(data, max_len=max_len)
-        if config.task == "reviewg":
-            texts = event_texts(seq, data, config.review_field)
-        noun = "item" if found[0] == "amazon" else "place"
-    else:
-        seq = load_sequences(dataset, max_len=max_len)
-    noun = config.noun or noun
-    if config.task == "reviewg":
-        if texts is None:
+    seq = load_sequences(dataset, max_len=max_len)
+    noun = noun or ("movie" if not found else "item" if found[0] == "amazon" else "place")
+    if name == "reviewg":
+        if not found:
             raise ValueError(f"task='reviewg' needs review text; dataset {dataset!r} has none (use an Amazon "
                              "or Google Local review folder)")
-        return ReviewG(seq, tokenizer, texts, noun=noun, max_new_tokens=config.max_target_tokens)
-    return TASKS[config.task](seq, tokenizer, noun=noun)
+        texts = event_texts(seq, read_reviews(dataset), review_field)
+        return ReviewG(seq, tokenizer, texts, noun=noun, max_new_tokens=max_target_tokens)
+    return TASKS[name](seq, tokenizer, noun=noun)
 
 
 def build_model(config: ContextualizeConfig, seq: UserSequences, llm: PreTrainedModel) -> nn.Module:
@@ -346,7 +346,7 @@ def load_model(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Ta
     if (run_dir / "userllm").is_dir():
         config = _flower_run_config(run_dir)
         llm, tokenizer = load_llm(config.llm, device=target)
-        task = TASKS[config.task](load_sequences(config.dataset, max_len=config.history_len), tokenizer)
+        task = dataset_task(config.task, config.dataset, config.history_len, tokenizer)
         return UserLLM.from_pretrained(run_dir / "userllm", llm=llm).eval(), task, config
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir}: no trained model (expected {run_dir / 'model'}/, or userllm/ in a "
