@@ -137,8 +137,9 @@ def test_bad_metadata_and_folders(tmp_path):
 
 
 def test_load_sequences_reads_a_review_folder_like_any_dataset():
-    """What `fed-userllm pretrain --dataset FOLDER` and the Flower app load: the review readers' sequences."""
-    from fed_userllm.data import load_sequences
+    """What `fed-userllm pretrain --dataset FOLDER`, `data describe` and the Flower app load: the review readers'
+    sequences."""
+    from fed_userllm.data import describe, load_sequences
 
     expected = review_sequences(read_google_local(*detect_reviews(GOOGLE)[1:]), max_len=4)
     seq = load_sequences(str(GOOGLE), max_len=4)
@@ -146,3 +147,4 @@ def test_load_sequences_reads_a_review_folder_like_any_dataset():
     for f in ("item", "rating"):
         np.testing.assert_array_equal(seq.features[f], expected.features[f])
     np.testing.assert_array_equal(seq.offsets, expected.offsets)
+    assert describe(str(GOOGLE), max_len=4)["users"] == expected.num_users

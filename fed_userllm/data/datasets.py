@@ -19,7 +19,7 @@ import numpy as np
 
 from fed_userllm.data.download import VARIANTS, cache_dir, fetch, file_digest
 from fed_userllm.data.movielens import Catalog, DataError, Interactions, read_movielens
-from fed_userllm.data.reviews import detect_reviews, read_reviews, review_sequences
+from fed_userllm.data.reviews import detect_reviews, read_reviews
 from fed_userllm.data.sequences import UserSequences
 from fed_userllm.data.synthetic import synthetic_movielens
 from fed_userllm.data.vocab import Vocab
@@ -50,17 +50,20 @@ def resolve(dataset: str | os.PathLike | None = None) -> Path | dict:
 
 
 def load_interactions(dataset: str | os.PathLike | None = None) -> tuple[Interactions, Catalog]:
+    """Events and catalog of MovieLens (embedded, downloaded or a folder), synthetic data, or an Amazon /
+    Google Local review folder."""
+    if dataset is not None and detect_reviews(dataset):
+        data = read_reviews(dataset)
+        return data.interactions, data.catalog
     source = resolve(dataset)
     return synthetic_movielens(**source) if isinstance(source, dict) else read_movielens(source)
 
 
 def load_sequences(dataset: str | os.PathLike | None = None, max_len: int = 50, min_events: int = 3,
                    cache: bool = True) -> UserSequences:
-    """The dataset as `UserSequences`, from the prepared-data cache when the inputs are unchanged. An Amazon /
-    Google Local review folder is read with `fed_userllm.data.reviews` (not cached: those files are small)."""
-    if dataset is not None and detect_reviews(dataset):
-        return review_sequences(read_reviews(dataset), max_len=max_len, min_events=min_events)
-    if not cache:
+    """The dataset as `UserSequences`, from the prepared-data cache when the inputs are unchanged (review
+    folders are read directly: those files are small)."""
+    if not cache or (dataset is not None and detect_reviews(dataset)):
         return UserSequences.from_interactions(*load_interactions(dataset), max_len=max_len, min_events=min_events)
     return prepare(dataset, max_len=max_len, min_events=min_events)[0]
 
