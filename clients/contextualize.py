@@ -72,8 +72,9 @@ def _build(cfg: FederatedConfig, vocab_items: tuple[tuple[str, int], ...]) -> Sh
 @lru_cache(maxsize=1)
 def client_task(cfg: FederatedConfig) -> Task:
     """The phase's task over the client's copy of the dataset (NextItem builds its title trie once)."""
-    tokenizer = shared_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes).tokenizer
-    return dataset_task(cfg.llm_task, cfg.dataset, cfg.max_len, tokenizer)
+    seq = load_data(cfg.dataset, cfg.max_len)
+    return dataset_task(cfg.llm_task, cfg.dataset, cfg.max_len, shared_userllm(cfg, seq.vocab_sizes).tokenizer,
+                        seq=seq)
 
 
 def encoder_dir(source: str | Path) -> Path:

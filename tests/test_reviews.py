@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_userllm.data import DataError
+from fed_userllm.data import DataError, describe, load_sequences
 from fed_userllm.data.reviews import (
     detect_reviews,
     event_texts,
@@ -139,8 +139,6 @@ def test_bad_metadata_and_folders(tmp_path):
 def test_load_sequences_reads_a_review_folder_like_any_dataset():
     """What `fed-userllm pretrain --dataset FOLDER`, `data describe` and the Flower app load: the review readers'
     sequences."""
-    from fed_userllm.data import describe, load_sequences
-
     expected = review_sequences(read_google_local(*detect_reviews(GOOGLE)[1:]), max_len=4)
     seq = load_sequences(str(GOOGLE), max_len=4)
     assert seq.num_users == expected.num_users and seq.vocab_sizes == expected.vocab_sizes

@@ -49,10 +49,14 @@ def resolve(dataset: str | os.PathLike | None = None) -> Path | dict:
                     f"{', '.join(VARIANTS)} (downloaded), 'synthetic[:users=N,items=M,...]', or a folder path")
 
 
+def _is_review_folder(dataset: str | os.PathLike | None) -> bool:
+    return dataset is not None and detect_reviews(dataset) is not None
+
+
 def load_interactions(dataset: str | os.PathLike | None = None) -> tuple[Interactions, Catalog]:
     """Events and catalog of MovieLens (embedded, downloaded or a folder), synthetic data, or an Amazon /
     Google Local review folder."""
-    if dataset is not None and detect_reviews(dataset):
+    if _is_review_folder(dataset):
         data = read_reviews(dataset)
         return data.interactions, data.catalog
     source = resolve(dataset)
@@ -63,7 +67,7 @@ def load_sequences(dataset: str | os.PathLike | None = None, max_len: int = 50, 
                    cache: bool = True) -> UserSequences:
     """The dataset as `UserSequences`, from the prepared-data cache when the inputs are unchanged (review
     folders are read directly: those files are small)."""
-    if not cache or (dataset is not None and detect_reviews(dataset)):
+    if not cache or _is_review_folder(dataset):
         return UserSequences.from_interactions(*load_interactions(dataset), max_len=max_len, min_events=min_events)
     return prepare(dataset, max_len=max_len, min_events=min_events)[0]
 

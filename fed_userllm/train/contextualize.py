@@ -32,7 +32,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fed_userllm.data import DEFAULT_DATASET, load_sequences
-from fed_userllm.data.reviews import detect_reviews, event_texts, read_reviews
+from fed_userllm.data.reviews import detect_reviews, event_texts, read_reviews, review_sequences
 from fed_userllm.data.sequences import UserSequences
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
@@ -132,7 +132,7 @@ def _encoder_run(config: ContextualizeConfig) -> dict:
 
 
 def load_task(config: ContextualizeConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
-    """The task over the run's dataset: MovieLens / synthetic through the data layer, review folders here."""
+    """The task over the run's dataset (the encoder run's, unless ``config.dataset`` names one)."""
     run = _encoder_run(config) if config.encoder else {}
     dataset = config.dataset or run.get("dataset") or DEFAULT_DATASET
     return dataset_task(config.task, dataset, run.get("max_len", config.history_len), tokenizer,
@@ -140,19 +140,22 @@ def load_task(config: ContextualizeConfig, tokenizer: PreTrainedTokenizerBase) -
 
 
 def dataset_task(name: str, dataset: str, max_len: int, tokenizer: PreTrainedTokenizerBase,
-                 review_field: str = "text", noun: str | None = None, max_target_tokens: int = 64) -> Task:
-    """Task ``name`` over ``dataset`` (windows of ``max_len``); items are movies, or items (Amazon) / places
-    (Google Local) in a review folder, whose review texts are ReviewG's targets."""
+                 review_field: str = "text", noun: str | None = None, max_target_tokens: int = 64,
+                 seq: UserSequences | None = None) -> Task:
+    """Task ``name`` over ``dataset`` (windows of ``max_len``; ``seq``: its sequences, when already loaded).
+    Items are movies, or items (Amazon) / places (Google Local) in a review folder, whose review texts are
+    ReviewG's targets."""
     found = detect_reviews(dataset)
-    seq = load_sequences(dataset, max_len=max_len)
     noun = noun or ("movie" if not found else "item" if found[0] == "amazon" else "place")
     if name == "reviewg":
         if not found:
             raise ValueError(f"task='reviewg' needs review text; dataset {dataset!r} has none (use an Amazon "
                              "or Google Local review folder)")
-        texts = event_texts(seq, read_reviews(dataset), review_field)
-        return ReviewG(seq, tokenizer, texts, noun=noun, max_new_tokens=max_target_tokens)
-    return TASKS[name](seq, tokenizer, noun=noun)
+        data = read_reviews(dataset)  # read once: the sequences and the texts aligned with their events
+        seq = seq or review_sequences(data, max_len=max_len)
+        return ReviewG(seq, tokenizer, event_texts(seq, data, review_field), noun=noun,
+                       max_new_tokens=max_target_tokens)
+    return TASKS[name](seq or load_sequences(dataset, max_len=max_len), tokenizer, noun=noun)
 
 
 def build_model(config: ContextualizeConfig, seq: UserSequences, llm: PreTrainedModel) -> nn.Module:
