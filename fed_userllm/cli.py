@@ -163,6 +163,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, config_class, skip: 
         if isinstance(default, bool):
             parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
                                 help="true/false")
+        elif "list[int]" in str(field.type):
+            parser.add_argument(flag, type=int, nargs="+", default=default, help="integers")
         else:
             kind = type(default) if default is not None else next(
                 (t for t in (float, int) if t.__name__ in str(field.type)), str)

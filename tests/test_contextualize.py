@@ -197,3 +197,14 @@ def test_bad_settings_are_named(runs):
         prepare(ContextualizeConfig(encoder="/nonexistent", llm=runs["llm"], device="cpu"))
     with pytest.raises(ValueError, match="exceeds the encoder's max_len=11"):
         prepare(config(runs, history_len=20))
+
+
+def test_catalog_objective_run_lowers_the_catalog_loss(runs, tmp_path):
+    settings = config(runs, xattn_layers=[-1], objective="catalog", batch_size=32, steps=20, lr=3e-3,
+                      checkpoint_every=20)
+    results = contextualize(settings, tmp_path / "run", progress=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert results["test"]["n"] == 6  # the trained model is an ordinary UserLLM, ranked by beam search
+    model, _, loaded = ctx.load_model(tmp_path / "run")
+    assert loaded.objective == "catalog" and [len(model.llm.model.layers) - 1] == model.xattn_at

@@ -44,6 +44,7 @@ class UserLLMConfig:
     llm: str | None = None  # HF id, local dir, .gguf path; None / "smollm2" = embedded SmolLM2-135M-Instruct
     integration: str = "xattn"
     xattn_every: int = 4  # a cross-attention block after every k-th decoder layer
+    xattn_layers: list[int] | None = None  # or after exactly these decoder layers (negative: from the end)
     xattn_dim: int = 64
     n_xattn_heads: int = 4
     xattn_ffn: bool = True  # gated feed-forward after each cross-attention
@@ -65,6 +66,8 @@ class UserLLMConfig:
         for name in ("xattn_every", "xattn_dim", "n_xattn_heads", "num_latents", "perceiver_depth", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
+        if self.xattn_layers is not None and not self.xattn_layers:
+            raise ValueError("xattn_layers=[]: expected decoder layer indices (or None for every xattn_every-th)")
         if self.xattn_dim % self.n_xattn_heads:
             raise ValueError(f"xattn_dim={self.xattn_dim} must be divisible by n_xattn_heads={self.n_xattn_heads}")
         if self.num_task_prompt_tokens < 0:
@@ -75,7 +78,9 @@ class GatedCrossAttention(nn.Module):
     """LN -> cross-attention(text, user tokens) -> tanh(gate) residual, then an optional gated FFN.
 
     Runs as a forward hook on a decoder layer, in float32 whatever the LLM dtype, and returns the hidden
-    states unchanged (bit for bit) while the gates are 0.
+    states unchanged (bit for bit) while the gates are 0. Updates are scaled by the residual stream's RMS at
+    each position: late layers of an LLM carry states of RMS ~30-40 (SmolLM2), where an update of unit size
+    would barely move the logits however the gate is trained.
     """
 
     def __init__(self, hidden: int, user_dim: int, n_heads: int, ffn: bool):
@@ -86,6 +91,7 @@ class GatedCrossAttention(nn.Module):
         self.ff = feed_forward(hidden) if ffn else None
         self.gate_ff = nn.Parameter(torch.zeros(())) if ffn else None
         self.user: tuple[torch.Tensor, torch.Tensor] | None = None  # set by UserLLM for one forward/generate
+        self.bypass = False  # set by UserLLM.base_llm: the decoder layer's output passes unchanged
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows, users = h.shape[0], tokens.shape[0]
@@ -94,12 +100,15 @@ class GatedCrossAttention(nn.Module):
         if rows != users:  # generate() expands each example to num_beams / num_return_sequences rows
             tokens, mask = tokens.repeat_interleave(rows // users, 0), mask.repeat_interleave(rows // users, 0)
         x = h.to(self.gate_attn.dtype)
-        x = x + torch.tanh(self.gate_attn) * self.attn(self.norm(x), tokens, mask)
+        scale = x.pow(2).mean(-1, keepdim=True).sqrt()  # updates in units of the residual stream's RMS
+        x = x + torch.tanh(self.gate_attn) * scale * self.attn(self.norm(x), tokens, mask)
         if self.ff is not None:
-            x = x + torch.tanh(self.gate_ff) * self.ff(x)
+            x = x + torch.tanh(self.gate_ff) * scale * self.ff(x)
         return x.to(h.dtype)
 
-    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple | None:
+        if self.bypass:
+            return None
         if self.user is None:
             raise RuntimeError("cross-attention layers need user embeddings: call UserLLM.forward / generate")
         if isinstance(output, tuple):
@@ -114,6 +123,19 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
     raise ValueError(f"could not find the {n} decoder layers of {type(llm).__name__}")
+
+
+def xattn_positions(config: UserLLMConfig, n_layers: int) -> list[int]:
+    """Decoder layer indices followed by a cross-attention block (sorted, distinct)."""
+    if config.xattn_layers is None:
+        at = [i for i in range(n_layers) if (i + 1) % config.xattn_every == 0]
+        if not at:
+            raise ValueError(f"xattn_every={config.xattn_every} exceeds the {n_layers} decoder layers")
+        return at
+    bad = [i for i in config.xattn_layers if not -n_layers <= i < n_layers]
+    if bad:
+        raise ValueError(f"xattn_layers={config.xattn_layers}: {bad} outside the {n_layers} decoder layers")
+    return sorted({i % n_layers for i in config.xattn_layers})
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -155,9 +177,8 @@ class UserLLM(nn.Module):
         )
         if config.integration == "xattn":
             layers = decoder_layers(llm)
-            at = [i for i in range(len(layers)) if (i + 1) % config.xattn_every == 0]
-            if not at:
-                raise ValueError(f"xattn_every={config.xattn_every} exceeds the {len(layers)} decoder layers")
+            at = xattn_positions(config, len(layers))
+            self.xattn_at = at  # decoder layer index of each block
             self.xattn = nn.ModuleList(
                 GatedCrossAttention(hidden, config.xattn_dim, config.n_xattn_heads, config.xattn_ffn) for _ in at
             )
@@ -188,6 +209,17 @@ class UserLLM(nn.Module):
         if mask.shape != states.shape[:2]:  # encoders emitting k summary tokens (dual encoder): all real
             mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         return self.projection(states, mask)
+
+    @contextmanager
+    def base_llm(self) -> Iterator[PreTrainedModel]:
+        """The LLM with its cross-attention blocks switched off (user-independent text states)."""
+        for block in self.xattn:
+            block.bypass = True
+        try:
+            yield self.llm
+        finally:
+            for block in self.xattn:
+                block.bypass = False
 
     @contextmanager
     def _attending(self, tokens: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:

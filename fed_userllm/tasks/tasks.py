@@ -155,12 +155,15 @@ class NextItem(Task):
         group = {r: index[t] for r, t in zip(raw, titles, strict=True)}
         return TitleTrie.from_titles(list(index), self.tokenizer), group
 
+    def target_titles(self, spans: np.ndarray) -> torch.Tensor:
+        """Title index of each span's target item (-2 when the item is outside the vocabulary: a miss)."""
+        group = self.titles[1]
+        return torch.tensor([group.get(int(self.seq.raw_item[e]), -2) for e in spans[:, 1].tolist()])
+
     def score(self, model, prompts, spans, batch_user):
-        trie, group = self.titles
-        k = min(self.num_beams, trie.num_distinct)
-        ranked = rank(model, self.tokenizer, prompts, trie, k, batch_user)
-        targets = torch.tensor([group.get(int(self.seq.raw_item[e]), -2) for e in spans[:, 1].tolist()])
-        return ranking_sums(list_ranks(ranked, targets))
+        trie = self.titles[0]
+        ranked = rank(model, self.tokenizer, prompts, trie, min(self.num_beams, trie.num_distinct), batch_user)
+        return ranking_sums(list_ranks(ranked, self.target_titles(spans)))
 
 
 class FavGenre(Task):

@@ -4,7 +4,11 @@ Trains a `UserLLM` (cross-attention or soft prompt; strategies full / lora / enc
 ``integration="text"``, the TextPrompt baseline (the history as text, the LLM fine-tuned fully or with LoRA).
 ``text_history_len > 0`` with a User-LLM integration is the long+short variant (AR50TP10: the encoder reads 50
 events, the prompt lists the 10 most recent). AdamW with linear warm-up and cosine decay (the paper: lr 1e-3,
-weight decay 1e-3), batches sampled per step from every training target, so a run is resumable step by step:
+weight decay 1e-3), batches sampled per step from every training target, so a run is resumable step by step.
+The loss is the LM cross-entropy of the target tokens, or for NextItem with one cross-attention block after
+the last decoder layer (``xattn_layers=[-1]``) ``objective="catalog"``: -log P(target title | catalog), what
+constrained ranking scores, computed from cached text states (`fed_userllm.tasks.catalog`) fast enough to
+train on every example on a CPU. A run directory holds:
 
     run_dir/config.json      the ContextualizeConfig
     run_dir/metrics.jsonl    training loss every 10 steps; validation metrics every ``eval_every`` steps
@@ -40,10 +44,12 @@ from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import STRATEGIES, UserLLM, UserLLMConfig
 from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device
 from fed_userllm.tasks import TASKS, ReviewG, Task, evaluate, to_device
+from fed_userllm.tasks.catalog import CatalogScorer
 from fed_userllm.tasks.tasks import IGNORE
 from fed_userllm.train.centralized import warmup_cosine
 
 INTEGRATIONS = ("xattn", "softprompt", "text")
+OBJECTIVES = ("lm", "catalog")
 EVAL_SEED = 0  # the evaluation subset of users is the same for every run, so runs are comparable
 LOG_EVERY = 10
 
@@ -60,6 +66,8 @@ class ContextualizeConfig:
     strategy: str = "enc"
     perceiver: bool = True
     num_latents: int = 16
+    xattn_layers: list[int] | None = None  # decoder layers followed by cross-attention; None: every 4th
+    objective: str = "lm"  # lm: token cross-entropy | catalog: -log P(title | catalog) (NextItem, see below)
     history_len: int = 50  # events per example (the encoder's input)
     text_history_len: int = 0  # most recent events written into the prompt (0 = User-LLM only)
     review_field: str = "text"  # ReviewG target: "text" or (Amazon) "summary"
@@ -86,6 +94,13 @@ class ContextualizeConfig:
             raise ValueError(f"integration={self.integration!r}: expected one of {INTEGRATIONS}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}: expected one of {OBJECTIVES}")
+        if self.objective == "catalog" and (self.task, self.integration, self.text_history_len) != (
+                "nextitem", "xattn", 0):
+            raise ValueError("objective='catalog' scores NextItem titles from cached text states: it needs "
+                             "task='nextitem', integration='xattn', text_history_len=0 (got "
+                             f"{self.task!r}, {self.integration!r}, {self.text_history_len})")
         for name in ("num_latents", "history_len", "steps", "batch_size", "max_target_tokens",
                      "eval_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -173,7 +188,8 @@ def build_model(config: ContextualizeConfig, seq: UserSequences, llm: PreTrained
         raise ValueError(f"history_len={config.history_len} exceeds the encoder's "
                          f"max_len={encoder.config.max_len}")
     user_config = UserLLMConfig(llm=config.llm, integration=config.integration, perceiver=config.perceiver,
-                                num_latents=config.num_latents, strategy=config.strategy)
+                                num_latents=config.num_latents, xattn_layers=config.xattn_layers,
+                                strategy=config.strategy)
     return UserLLM(user_config, encoder, llm)
 
 
@@ -210,13 +226,15 @@ def make_optimizer(model: nn.Module, config: ContextualizeConfig) -> torch.optim
 
 @dataclass
 class Examples:
-    """Training examples of one task: spans of some users' histories and how a batch is built from them."""
+    """Training examples of one task: spans of some users' histories, how a batch is built from them and
+    its loss: the LM loss on prompt + target tokens, or with ``catalog`` -log P(target title | catalog)."""
 
     task: Task
     spans: np.ndarray  # [N, 2] (start, end) from Task.spans(users, "train", history_len)
     history_len: int
     text_history: int = 0
     max_target_tokens: int = 64
+    catalog: CatalogScorer | None = None
 
     def sample(self, batch_size: int, seed: int, step: int,
                micro_batch_size: int | None = None) -> list[dict]:
@@ -226,8 +244,25 @@ class Examples:
             raise ValueError("no training examples: the users have no training events with a target")
         rows = np.random.default_rng([seed, step]).integers(len(self.spans), size=batch_size)
         size = micro_batch_size or batch_size
-        return [self.task.batch(self.spans[rows[i:i + size]], self.history_len, self.text_history,
-                                self.max_target_tokens) for i in range(0, batch_size, size)]
+        return [self.batch(self.spans[rows[i:i + size]]) for i in range(0, batch_size, size)]
+
+    def batch(self, spans: np.ndarray) -> dict:
+        if self.catalog is None:
+            return self.task.batch(spans, self.history_len, self.text_history, self.max_target_tokens)
+        return {"user": self.task.seq.gather(spans[:, 0], spans[:, 1], self.history_len),
+                "title": self.task.target_titles(spans)}
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        if self.catalog is None:
+            return task_loss(model, batch)
+        return -self.catalog.log_probs(batch["user"], batch["title"]).mean()
+
+    @staticmethod
+    def weight(batch: dict) -> int:
+        """What the loss averages over: target tokens (LM loss) or examples (catalog)."""
+        if "title" in batch:
+            return len(batch["title"])
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def task_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -256,11 +291,11 @@ def local_train_steps(model: nn.Module, examples: Examples, steps: int, optimize
     for step in range(start_step, start_step + steps):
         torch.manual_seed(seed * 1_000_003 + step)
         parts = [to_device(b, device) for b in examples.sample(batch_size, seed, step, micro_batch_size)]
-        targets = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in parts]  # what the LM loss averages
+        targets = [examples.weight(b) for b in parts]
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
         for batch, n in zip(parts, targets, strict=True):
-            part = task_loss(model, batch) * (n / sum(targets))
+            part = examples.loss(model, batch) * (n / sum(targets))
             part.backward()
             loss += part.item()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -396,8 +431,13 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
     model, task = prepare(config, base)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", asdict(config))
+    catalog = None
+    if config.objective == "catalog":
+        if progress:
+            print("caching the LLM's text states at the title trie's branching nodes ...", flush=True)
+        catalog = CatalogScorer(model, task.titles[0], task.prompt(0, 0), task.tokenizer)
     examples = Examples(task, task.spans(None, "train", config.history_len), config.history_len,
-                        config.text_history_len, config.max_target_tokens)
+                        config.text_history_len, config.max_target_tokens, catalog)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_frac))
     step, seconds = 0, 0.0
