@@ -22,6 +22,7 @@ from fed_userllm.train.centralized import ENCODERS
 PHASE_NAMES = ("pretrain", "contextualize")
 LLM_TASKS = ("nextitem", "favgenre", "reviewg")  # reviewg: an Amazon / Google Local review folder as dataset
 LLM_INTEGRATIONS = ("xattn", "softprompt")
+LLM_OBJECTIVES = ("lm", "catalog")  # see fed_userllm.train.contextualize
 STRATEGIES = ("fedavg", "fedadam")
 LR_SCHEDULES = ("constant", "cosine")
 DP_MODES = ("none", "user", "sample")
@@ -50,6 +51,7 @@ class FederatedConfig:
     llm_task: str
     llm_integration: str
     llm_xattn_ffn: bool  # a gated feed-forward after each cross-attention block (most of the exchanged tensors)
+    llm_objective: str  # lm: token cross-entropy | catalog: NextItem, one block after the last layer, cached states
     llm_rounds: int
     llm_fraction_train: float  # q of the contextualize phase
     llm_local_steps: int
@@ -166,6 +168,10 @@ class FederatedConfig:
               "nextitem or favgenre unless dataset is an Amazon / Google Local review folder (reviewg needs "
               "review text)")
         check(self.llm_integration in LLM_INTEGRATIONS, "llm-integration", f"one of {LLM_INTEGRATIONS}")
+        check(self.llm_objective in LLM_OBJECTIVES, "llm-objective", f"one of {LLM_OBJECTIVES}")
+        check(self.llm_objective != "catalog" or (self.llm_task, self.llm_integration) == ("nextitem", "xattn"),
+              "llm-objective", "'lm' unless llm-task='nextitem' and llm-integration='xattn' (the catalog "
+              "objective scores NextItem titles through one cross-attention block after the last layer)")
         for key in ("llm-rounds", "llm-local-steps", "llm-batch-size"):
             check(getattr(self, key.replace("-", "_")) >= 1, key, "an integer >= 1")
         check(0 < self.llm_fraction_train <= 1, "llm-fraction-train", "a client sampling rate q in (0, 1]")

@@ -26,7 +26,8 @@ from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig
 from fed_userllm.runtime import resolve_device
-from fed_userllm.tasks import Task, evaluate
+from fed_userllm.tasks import NextItem, Task, evaluate
+from fed_userllm.tasks.catalog import CatalogScorer
 from fed_userllm.train.contextualize import (
     ContextualizeConfig,
     Examples,
@@ -64,7 +65,8 @@ def shared_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> SharedU
 def _build(cfg: FederatedConfig, vocab_items: tuple[tuple[str, int], ...]) -> SharedUserLLM:
     llm, tokenizer = load_llm(cfg.llm, device=resolve_device(cfg.device))
     encoder = build_model(cfg, dict(vocab_items))  # seeds torch with cfg.seed: the new layers are seeded too
-    config = UserLLMConfig(llm=cfg.llm, integration=cfg.llm_integration, xattn_ffn=cfg.llm_xattn_ffn)
+    config = UserLLMConfig(llm=cfg.llm, integration=cfg.llm_integration, xattn_ffn=cfg.llm_xattn_ffn,
+                           xattn_layers=[-1] if cfg.llm_objective == "catalog" else None)
     model = UserLLM(config, encoder, llm)
     return SharedUserLLM(model, tokenizer, trainable_state(model))
 
@@ -75,6 +77,12 @@ def client_task(cfg: FederatedConfig) -> Task:
     seq = load_data(cfg.dataset, cfg.max_len)
     return dataset_task(cfg.llm_task, cfg.dataset, cfg.max_len, shared_userllm(cfg, seq.vocab_sizes).tokenizer,
                         seq=seq)
+
+
+@lru_cache(maxsize=1)
+def catalog_scorer(model: UserLLM, task: NextItem) -> CatalogScorer:
+    """The process's cached text states for the catalog objective, computed for its first client."""
+    return CatalogScorer(model, task.titles[0], task.prompt(0, 0), task.tokenizer)
 
 
 def encoder_dir(source: str | Path) -> Path:
@@ -111,7 +119,8 @@ def train_local(model: UserLLM, task: Task, users: np.ndarray, cfg: FederatedCon
     A fresh optimiser every round (nothing about a client persists on the server side); batches of
     ``batch-size`` examples drawn from (seed, step), as in the local trainer.
     """
-    examples = Examples(task, task.spans(users, "train", cfg.max_len), cfg.max_len)
+    catalog = catalog_scorer(model, task) if cfg.llm_objective == "catalog" else None
+    examples = Examples(task, task.spans(users, "train", cfg.max_len), cfg.max_len, catalog=catalog)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=ContextualizeConfig.weight_decay)
     loss = local_train_steps(model, examples, cfg.local_steps, optimizer, cfg.batch_size, seed=seed)

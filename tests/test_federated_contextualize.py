@@ -20,7 +20,7 @@ from llm_fixtures import save_tiny_llm
 
 from fed_userllm.clients.app import app as client_app
 from fed_userllm.clients.config import FederatedConfig
-from fed_userllm.clients.contextualize import client_task, initial_userllm, shared_userllm
+from fed_userllm.clients.contextualize import catalog_scorer, client_task, initial_userllm, shared_userllm
 from fed_userllm.clients.task import client_users, get_arrays, load_data
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
@@ -102,6 +102,31 @@ def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_los
     assert dict(reply["metrics"]) == {"num-examples": examples, "steps": 6,
                                       "train-loss": pytest.approx(reply["metrics"]["train-loss"])}
     assert client_loss(model, cfg, sent, 2) < client_loss(model, cfg, arrays, 2)  # it learned the task
+
+
+def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path, llm):
+    config = run_config(tmp_path, llm, llm_objective="catalog", llm_local_steps=10, llm_batch_size=16)
+    cfg = phase_settings(config)
+    model, arrays = initial_arrays(cfg)
+    assert model.xattn_at == [len(model.llm.model.layers) - 1]
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+        {"server-round": 1, "noise-multiplier": 0.0, "delta": 0.0})})
+    sent = call_client(config, "train.contextualize", content, partition=2).content["arrays"]
+    assert set(sent.keys()) == set(model.trainable_parameter_names())
+    task = client_task(cfg)
+    examples = Examples(task, task.spans(client_users(cfg, task.seq, 2), "train", cfg.max_len), cfg.max_len,
+                        catalog=catalog_scorer(model, task))
+
+    @torch.no_grad()
+    def catalog_loss(state) -> float:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.from_numpy(state[name].numpy()))
+        return examples.loss(model.eval(), examples.sample(32, 123, 0)[0]).item()
+
+    assert catalog_loss(sent) < catalog_loss(arrays) - 0.05
+    with pytest.raises(ValueError, match="llm-objective"):
+        phase_settings(run_config(tmp_path, llm, llm_objective="catalog", llm_task="favgenre"))
 
 
 def test_evaluate_reply_is_hit_counts_of_the_clients_own_target(tmp_path, llm):

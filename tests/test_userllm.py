@@ -140,6 +140,23 @@ def test_open_gates_make_logits_depend_on_the_user(arch):
     assert torch.allclose(single, a[:1], atol=1e-5)
 
 
+def test_cross_attention_updates_scale_with_the_residual_stream():
+    """Updates are in units of the hidden states' RMS, so a block acts alike at any depth of any LLM:
+    scaling the incoming states scales the output by the same factor (LayerNorm removes it inside)."""
+    from fed_userllm.models.userllm import GatedCrossAttention
+
+    torch.manual_seed(0)
+    block = GatedCrossAttention(hidden=32, user_dim=16, n_heads=2, ffn=True)
+    with torch.no_grad():
+        block.gate_attn.fill_(1.0)
+        block.gate_ff.fill_(1.0)
+    h, tokens, mask = torch.randn(3, 5, 32), torch.randn(3, 4, 16), torch.ones(3, 4, dtype=torch.bool)
+    with torch.no_grad():
+        small, large = block(h, tokens, mask), block(40 * h, tokens, mask)
+        assert (small - h).norm() > 0.1 * h.norm()  # a real update, not a rounding error
+        torch.testing.assert_close(large, 40 * small, rtol=1e-3, atol=1e-3)
+
+
 def test_hooks_refuse_calls_without_user_embeddings():
     model = make()
     with pytest.raises(RuntimeError, match="need user embeddings"):
