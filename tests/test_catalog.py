@@ -128,3 +128,19 @@ def test_xattn_layers_place_the_blocks(seq, tok):
     assert model_for(seq, tok, layers=(0, -1, 2)).xattn_at == [0, 2]
     with pytest.raises(ValueError, match=r"xattn_layers=\[3\]"):
         model_for(seq, tok, layers=(3,))
+
+
+def test_exact_ranking_orders_every_title_by_its_log_probability(seq, tok):
+    task = NextItem(seq, tok)
+    model = model_for(seq, tok, "gpt2")
+    trie = task.titles[0]
+    scorer = CatalogScorer(model, trie, task.prompt(0, 0), tok)
+    titles = torch.tensor(sorted(i for items in trie.items.values() for i in items))
+    spans = task.spans(np.array([1, 4, 9]), "test", H)
+    users = task.seq.gather(spans[:, 0], spans[:, 1], H)
+    ranked = scorer.rank(users, k=5)
+    for row in range(len(spans)):
+        one = {k: v[row:row + 1].expand(len(titles), -1) for k, v in users.items()}
+        with torch.no_grad():
+            expected = titles[scorer.log_probs(one, titles).topk(5).indices]
+        assert ranked[row].tolist() == expected.tolist()

@@ -74,6 +74,9 @@ class CatalogScorer:
         for i, p in enumerate(prefixes):
             self.allowed[i, : len(children[p])] = torch.tensor([column[t] for t in children[p]])
             self.allowed_mask[i, : len(children[p])] = True
+        self.pair_node, pair_choice = self.allowed_mask.nonzero(as_tuple=True)  # (node, allowed token) pairs
+        self.pair_column = self.allowed[self.pair_node, pair_choice]
+        self.pair_start = torch.cumsum(self.allowed_mask.sum(1), 0) - self.allowed_mask.sum(1)
 
         # per item: the branching nodes on its title's path and the position of the chosen token at each
         paths = {seq: [(index[seq[:k]], children[seq[:k]].index(seq[k]))
@@ -132,6 +135,12 @@ class CatalogScorer:
             handle.remove()
         return states.to(llm.device)
 
+    def _head(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM-head weight and bias rows of the tokens any branching node allows (float32)."""
+        tokens = self.tokens.to(device)
+        bias = self.head.bias[tokens] if self.head.bias is not None else torch.zeros(len(tokens), device=device)
+        return self.head.weight[tokens].float(), bias.float()
+
     def log_probs(self, batch_user: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
         """log P(title of ``items[b]`` | catalog) under the model for user row b: [B], differentiable."""
         device = self.states.device
@@ -144,11 +153,32 @@ class CatalogScorer:
         block = self.model.xattn[0]
         h = block(self.states[node][:, None], tokens[rows], mask[rows])[:, 0]
         h = self.norm(h.to(self.states.dtype)).float()
-        weight = self.head.weight[self.tokens.to(device)].float()
-        logits = h @ weight.T
-        if self.head.bias is not None:
-            logits = logits + self.head.bias[self.tokens.to(device)].float()
+        weight, bias = self._head(device)
+        logits = h @ weight.T + bias
         allowed = logits.gather(1, self.allowed.to(device)[node])
         allowed = allowed.masked_fill(~self.allowed_mask.to(device)[node], float("-inf")).log_softmax(-1)
         chosen = allowed.gather(1, self.path_choice.to(device)[items[rows], depth][:, None])[:, 0]
         return torch.zeros(len(items), device=device).index_add(0, rows, chosen)
+
+    @torch.no_grad()
+    def rank(self, batch_user: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        """Top-``k`` item ids per user by exact log P(title | catalog) over every title: what K-beam
+        constrained search approximates, at the cost of one cross-attention call per branching node."""
+        device = self.states.device
+        tokens, mask = self.model.encode_user(batch_user)
+        weight, bias = self._head(device)
+        node, column = self.pair_node.to(device), self.pair_column.to(device)
+        n_nodes = len(self.states)
+        pair = (self.pair_start.to(device)[self.path_node.to(device)] + self.path_choice.to(device))
+        pair = pair.masked_fill(~self.path_mask.to(device), len(node))  # padding -> an extra 0 score
+        ranked = []
+        for b in range(len(tokens)):
+            h = self.model.xattn[0](self.states[None], tokens[b:b + 1], mask[b:b + 1])[0]
+            h = self.norm(h.to(self.states.dtype)).float()
+            logits = (h[node] * weight[column]).sum(-1) + bias[column]
+            top = torch.full((n_nodes,), float("-inf"), device=device).scatter_reduce(0, node, logits, "amax")
+            norm = top + torch.zeros(n_nodes, device=device).index_add(0, node, (logits - top[node]).exp()).log()
+            scores = torch.cat([logits - norm[node], logits.new_zeros(1)])[pair].sum(1)
+            scores = scores.masked_fill(~self.known.to(device), float("-inf"))
+            ranked.append(scores.topk(k).indices)
+        return torch.stack(ranked)
