@@ -431,13 +431,6 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
     model, task = prepare(config, base)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", asdict(config))
-    catalog = None
-    if config.objective == "catalog":
-        if progress:
-            print("caching the LLM's text states at the title trie's branching nodes ...", flush=True)
-        catalog = CatalogScorer(model, task.titles[0], task.prompt(0, 0), task.tokenizer)
-    examples = Examples(task, task.spans(None, "train", config.history_len), config.history_len,
-                        config.text_history_len, config.max_target_tokens, catalog)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_frac))
     step, seconds = 0, 0.0
@@ -449,6 +442,13 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
         scheduler.load_state_dict(state["scheduler"])
         step, seconds = state["step"], state["seconds"]
     _keep_metrics_until(run_dir / "metrics.jsonl", step)
+    catalog = None
+    if config.objective == "catalog" and step < config.steps:
+        if progress:
+            print("caching the LLM's text states at the title trie's branching nodes ...", flush=True)
+        catalog = CatalogScorer(model, task.titles[0], task.prompt(0, 0), task.tokenizer)
+    examples = Examples(task, task.spans(None, "train", config.history_len), config.history_len,
+                        config.text_history_len, config.max_target_tokens, catalog)
 
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.integration}/{config.task}",
                disable=not progress)
