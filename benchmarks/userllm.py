@@ -201,7 +201,7 @@ def evaluate_variant(task_name: str, name: str, base, args) -> dict:
 def exact_ranking(model, task: Task, config: ContextualizeConfig) -> dict:
     """Every test user's top 10 by exact log P(title | catalog) (no beam-search error; seconds per hundred
     users with the cached text states of a catalog model), against popularity on the same users."""
-    scorer = CatalogScorer(model, task.titles[0], task.prompt(0, 0), task.tokenizer)
+    scorer = CatalogScorer.for_task(model, task)
     spans = task.spans(None, "test", config.history_len)
     sums: dict = {}
     for lo in range(0, len(spans), 32):

@@ -82,7 +82,7 @@ def client_task(cfg: FederatedConfig) -> Task:
 @lru_cache(maxsize=1)
 def catalog_scorer(model: UserLLM, task: NextItem) -> CatalogScorer:
     """The process's cached text states for the catalog objective, computed for its first client."""
-    return CatalogScorer(model, task.titles[0], task.prompt(0, 0), task.tokenizer)
+    return CatalogScorer.for_task(model, task)
 
 
 def encoder_dir(source: str | Path) -> Path:

@@ -22,7 +22,7 @@ from torch import nn
 
 from fed_userllm.models.constrained import TitleTrie
 from fed_userllm.models.userllm import UserLLM, decoder_layers
-from fed_userllm.tasks.tasks import prompt_cache
+from fed_userllm.tasks.tasks import NextItem, prompt_cache
 
 
 def branching_nodes(trie: TitleTrie) -> dict[tuple[int, ...], list[int]]:
@@ -54,8 +54,8 @@ class CatalogScorer:
         last = len(decoder_layers(llm)) - 1
         if model.config.integration != "xattn" or model.xattn_at != [last]:
             raise ValueError(f"the catalog objective needs one cross-attention block after the last decoder layer "
-                             f"(xattn_layers=[-1]); this model has integration={model.config.integration!r}"
-                             + (f", blocks after layers {model.xattn_at}" if hasattr(model, "xattn_at") else ""))
+                             f"(xattn_layers=[-1]); this model has integration={model.config.integration!r}, "
+                             f"blocks after layers {getattr(model, 'xattn_at', [])}")
         if any(p.requires_grad for p in llm.parameters()):
             raise ValueError(f"strategy={model.config.strategy!r} trains the LLM, whose text states the catalog "
                              "objective caches: use strategy 'enc' or 'proj'")
@@ -94,6 +94,11 @@ class CatalogScorer:
                 self.path_choice[item, : len(nodes)] = torch.tensor(choices, dtype=torch.long)
                 self.path_mask[item, : len(nodes)] = True
                 self.known[item] = True
+
+    @classmethod
+    def for_task(cls, model: UserLLM, task: NextItem) -> CatalogScorer:
+        """The scorer of ``task``'s titles after its prompt (the same for every NextItem example)."""
+        return cls(model, task.titles[0], task.prompt(0, 0), task.tokenizer)
 
     @torch.no_grad()
     def _states(self, prompt: str, tokenizer, prefixes: list[tuple[int, ...]], index: dict, batch_size: int):

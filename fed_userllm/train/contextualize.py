@@ -257,12 +257,11 @@ class Examples:
             return task_loss(model, batch)
         return -self.catalog.log_probs(batch["user"], batch["title"]).mean()
 
-    @staticmethod
-    def weight(batch: dict) -> int:
+    def weight(self, batch: dict) -> int:
         """What the loss averages over: target tokens (LM loss) or examples (catalog)."""
-        if "title" in batch:
-            return len(batch["title"])
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
+        if self.catalog is None:
+            return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return len(batch["title"])
 
 
 def task_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -446,7 +445,7 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
     if config.objective == "catalog" and step < config.steps:
         if progress:
             print("caching the LLM's text states at the title trie's branching nodes ...", flush=True)
-        catalog = CatalogScorer(model, task.titles[0], task.prompt(0, 0), task.tokenizer)
+        catalog = CatalogScorer.for_task(model, task)
     examples = Examples(task, task.spans(None, "train", config.history_len), config.history_len,
                         config.text_history_len, config.max_target_tokens, catalog)
 
