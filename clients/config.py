@@ -23,6 +23,7 @@ PHASE_NAMES = ("pretrain", "contextualize")
 LLM_TASKS = ("nextitem", "favgenre", "reviewg")  # reviewg: an Amazon / Google Local review folder as dataset
 LLM_INTEGRATIONS = ("xattn", "softprompt")
 LLM_OBJECTIVES = ("lm", "catalog")  # see fed_userllm.train.contextualize
+LLM_USER_TOKENS = ("events", "next_item")  # see fed_userllm.models.userllm
 STRATEGIES = ("fedavg", "fedadam")
 LR_SCHEDULES = ("constant", "cosine")
 DP_MODES = ("none", "user", "sample")
@@ -52,6 +53,7 @@ class FederatedConfig:
     llm_integration: str
     llm_xattn_ffn: bool  # a gated feed-forward after each cross-attention block (most of the exchanged tensors)
     llm_objective: str  # lm: token cross-entropy | catalog: NextItem, one block after the last layer, cached states
+    llm_user_tokens: str  # events: one token per event, Perceiver-compressed | next_item: the encoder's prediction
     llm_rounds: int
     llm_fraction_train: float  # q of the contextualize phase
     llm_local_steps: int
@@ -172,6 +174,9 @@ class FederatedConfig:
         check(self.llm_objective != "catalog" or (self.llm_task, self.llm_integration) == ("nextitem", "xattn"),
               "llm-objective", "'lm' unless llm-task='nextitem' and llm-integration='xattn' (the catalog "
               "objective scores NextItem titles through one cross-attention block after the last layer)")
+        check(self.llm_user_tokens in LLM_USER_TOKENS, "llm-user-tokens", f"one of {LLM_USER_TOKENS}")
+        check(self.llm_user_tokens == "events" or self.model in ("ar", "dual"), "llm-user-tokens",
+              "'events' unless model is 'ar' or 'dual' (the encoders with a next-item vector)")
         for key in ("llm-rounds", "llm-local-steps", "llm-batch-size"):
             check(getattr(self, key.replace("-", "_")) >= 1, key, "an integer >= 1")
         check(0 < self.llm_fraction_train <= 1, "llm-fraction-train", "a client sampling rate q in (0, 1]")

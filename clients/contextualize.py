@@ -66,7 +66,8 @@ def _build(cfg: FederatedConfig, vocab_items: tuple[tuple[str, int], ...]) -> Sh
     llm, tokenizer = load_llm(cfg.llm, device=resolve_device(cfg.device))
     encoder = build_model(cfg, dict(vocab_items))  # seeds torch with cfg.seed: the new layers are seeded too
     config = UserLLMConfig(llm=cfg.llm, integration=cfg.llm_integration, xattn_ffn=cfg.llm_xattn_ffn,
-                           xattn_layers=[-1] if cfg.llm_objective == "catalog" else None)
+                           xattn_layers=[-1] if cfg.llm_objective == "catalog" else None,
+                           user_tokens=cfg.llm_user_tokens, perceiver=cfg.llm_user_tokens == "events")
     model = UserLLM(config, encoder, llm)
     return SharedUserLLM(model, tokenizer, trainable_state(model))
 

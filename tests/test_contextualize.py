@@ -1,6 +1,7 @@
 """Local phase-two trainer: run directory, resume, TextPrompt baselines, federated building blocks."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from fed_userllm.train.centralized import PretrainConfig, pretrain
 from fed_userllm.train.contextualize import (
     ContextualizeConfig,
     Examples,
+    _check_run_dir,
     contextualize,
     evaluate_llm,
     load_trainable_state,
@@ -193,18 +195,34 @@ def test_bad_settings_are_named(runs):
         ContextualizeConfig(encoder="x", text_history_len=60)
     with pytest.raises(ValueError, match=r"unknown contextualize settings \['colour'\]"):
         ContextualizeConfig.from_dict({"colour": 1})
+    with pytest.raises(ValueError, match="max_grad_norm=-1"):
+        ContextualizeConfig(encoder="x", max_grad_norm=-1)
+    with pytest.raises(ValueError, match="set perceiver=False"):  # the UserLLM settings are checked up front
+        ContextualizeConfig(encoder="x", user_tokens="next_item")
     with pytest.raises(FileNotFoundError, match="pretraining run directory"):
         prepare(ContextualizeConfig(encoder="/nonexistent", llm=runs["llm"], device="cpu"))
     with pytest.raises(ValueError, match="exceeds the encoder's max_len=11"):
         prepare(config(runs, history_len=20))
 
 
-def test_catalog_objective_run_lowers_the_catalog_loss(runs, tmp_path):
+def test_resume_accepts_runs_written_before_a_setting_existed(tmp_path):
+    config = ContextualizeConfig(encoder="x")
+    saved = {k: v for k, v in asdict(config).items() if k != "user_tokens"}  # an older run's config.json
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _check_run_dir(tmp_path, config, resume=True)  # the missing setting takes its default
+    with pytest.raises(ValueError, match="'user_tokens': \\('events', 'next_item'\\)"):
+        _check_run_dir(tmp_path, ContextualizeConfig(encoder="x", user_tokens="next_item", perceiver=False), True)
+
+
+@pytest.mark.parametrize("user_tokens", ["events", "next_item"])
+def test_catalog_objective_run_lowers_the_catalog_loss(runs, tmp_path, user_tokens):
     settings = config(runs, xattn_layers=[-1], objective="catalog", batch_size=32, steps=20, lr=3e-3,
-                      checkpoint_every=20)
+                      checkpoint_every=20, user_tokens=user_tokens, perceiver=user_tokens == "events",
+                      max_grad_norm=1.0 if user_tokens == "events" else 0.0)
     results = contextualize(settings, tmp_path / "run", progress=False)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and losses[1] < losses[0]
     assert results["test"]["n"] == 6  # the trained model is an ordinary UserLLM, ranked by beam search
     model, _, loaded = ctx.load_model(tmp_path / "run")
     assert loaded.objective == "catalog" and [len(model.llm.model.layers) - 1] == model.xattn_at
+    assert model.config.user_tokens == user_tokens

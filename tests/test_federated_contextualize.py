@@ -104,8 +104,10 @@ def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_los
     assert client_loss(model, cfg, sent, 2) < client_loss(model, cfg, arrays, 2)  # it learned the task
 
 
-def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path, llm):
-    config = run_config(tmp_path, llm, llm_objective="catalog", llm_local_steps=10, llm_batch_size=16)
+@pytest.mark.parametrize("user_tokens", ["events", "next_item"])
+def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path, llm, user_tokens):
+    config = run_config(tmp_path, llm, llm_objective="catalog", llm_local_steps=10, llm_batch_size=16,
+                        llm_user_tokens=user_tokens)
     cfg = phase_settings(config)
     model, arrays = initial_arrays(cfg)
     assert model.xattn_at == [len(model.llm.model.layers) - 1]
@@ -127,6 +129,8 @@ def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path
     assert catalog_loss(sent) < catalog_loss(arrays) - 0.05
     with pytest.raises(ValueError, match="llm-objective"):
         phase_settings(run_config(tmp_path, llm, llm_objective="catalog", llm_task="favgenre"))
+    with pytest.raises(ValueError, match="llm-user-tokens"):
+        phase_settings(run_config(tmp_path, llm, llm_user_tokens="last"))
 
 
 def test_evaluate_reply_is_hit_counts_of_the_clients_own_target(tmp_path, llm):

@@ -248,9 +248,10 @@ def test_a_few_steps_reduce_the_task_loss(seq, tok, kind):
 # ---------------------------------------------------------------- the catalog objective
 
 
-def catalog_model(seq, tok, arch="llama", layers=(-1,), strategy="enc") -> UserLLM:
+def catalog_model(seq, tok, arch="llama", layers=(-1,), strategy="enc", user_tokens="events") -> UserLLM:
     """A two-layer UserLLM with blocks after ``layers`` and open gates, so the user really changes the scores."""
-    model = tiny_userllm(seq, tok, arch=arch, xattn_layers=list(layers), strategy=strategy)
+    model = tiny_userllm(seq, tok, arch=arch, xattn_layers=list(layers), strategy=strategy, user_tokens=user_tokens,
+                         perceiver=user_tokens == "events")
     with torch.no_grad():
         for block in model.xattn:
             block.gate_attn.fill_(0.8)
@@ -278,10 +279,10 @@ def full_forward_log_probs(model: UserLLM, task: NextItem, spans: np.ndarray) ->
     return torch.tensor(out)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cached_scores_equal_the_full_model(seq, tok, arch):
+@pytest.mark.parametrize("arch,user_tokens", [("llama", "events"), ("gpt2", "events"), ("llama", "next_item")])
+def test_cached_scores_equal_the_full_model(seq, tok, arch, user_tokens):
     task = NextItem(seq, tok)
-    model = catalog_model(seq, tok, arch)
+    model = catalog_model(seq, tok, arch, user_tokens=user_tokens)
     scorer = CatalogScorer(model, task.titles[0], task.prompt(0, 0), tok, batch_size=7)
     spans = task.spans(np.arange(12), "test", H)
     with torch.no_grad():
@@ -305,9 +306,10 @@ def test_log_probs_sum_to_one_over_the_catalog(seq, tok):
     assert len(branching_nodes(trie)) < sum(len(s) for s in trie.items)  # only branching nodes are scored
 
 
-def test_the_catalog_objective_trains_the_block_and_encoder_only(seq, tok):
+@pytest.mark.parametrize("user_tokens", ["events", "next_item"])
+def test_the_catalog_objective_trains_the_block_and_encoder_only(seq, tok, user_tokens):
     task = NextItem(seq, tok)
-    model = catalog_model(seq, tok)
+    model = catalog_model(seq, tok, user_tokens=user_tokens)
     frozen = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
     scorer = CatalogScorer.for_task(model, task)
     examples = Examples(task, task.spans(None, "train", H), H, catalog=scorer)

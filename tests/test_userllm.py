@@ -13,6 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from fed_userllm.models import llm as llm_module
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
+from fed_userllm.models.bert4rec import BERT4Rec, BERT4RecConfig
+from fed_userllm.models.dual_encoder import DualEncoder, DualEncoderConfig
 from fed_userllm.models.projection import PerceiverResampler, Projection
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig
 
@@ -82,6 +84,34 @@ def text(B: int = 2, L: int = 5, seed: int = 1) -> tuple[torch.Tensor, torch.Ten
 
 
 # ---------------------------------------------------------------- projection
+
+
+@pytest.mark.parametrize("kind", ["ar", "dual"])
+def test_next_item_vectors_are_what_the_encoder_scores_items_with(kind):
+    torch.manual_seed(0)
+    dims = {"item": 16, "genre": 8, "rating": 8}
+    encoder = tiny_encoder() if kind == "ar" else DualEncoder(DualEncoderConfig(
+        vocab_sizes=USER_VOCAB, feature_dims=dims, d_model=32, n_layers=1, n_heads=2, max_len=8, dropout=0.0,
+        num_user_embeddings=2))
+    users = user_batch([6, 3, 1])
+    vectors = encoder.next_item_vectors(users)
+    assert vectors.shape == (3, 1 if kind == "ar" else 2, encoder.next_item_dim)
+    scores = (encoder.unembed["item"](vectors) if kind == "ar" else encoder.label["item"](vectors)).max(1).values
+    torch.testing.assert_close(scores, encoder.score_items(users))
+
+
+def test_next_item_user_token_ignores_padding_and_follows_the_last_event():
+    model = make(user_tokens="next_item", perceiver=False)
+    users = user_batch([6, 3])
+    tokens, mask = model.encode_user(users)
+    assert tokens.shape == (2, 1, 16) and mask.all()
+    padded = {k: torch.cat([v, torch.zeros_like(v[:, :2])], 1) for k, v in users.items()}
+    torch.testing.assert_close(model.encode_user(padded)[0], tokens)
+    changed = {k: v.clone() for k, v in users.items()}
+    changed["item"][1, 2] = 3 if users["item"][1, 2] != 3 else 4  # user 1's last real event
+    after = model.encode_user(changed)[0]
+    torch.testing.assert_close(after[0], tokens[0])
+    assert not torch.allclose(after[1], tokens[1])
 
 
 def test_perceiver_shape_and_padding_invariance():
@@ -286,14 +316,17 @@ def test_training_learns_a_user_dependent_answer():
 
 
 @pytest.mark.parametrize(
-    "integration,strategy", [("xattn", "enc"), ("xattn", "lora"), ("softprompt", "full"), ("softprompt", "proj")]
+    "integration,strategy,user_tokens", [("xattn", "enc", "events"), ("xattn", "lora", "events"),
+                                         ("softprompt", "full", "events"), ("softprompt", "proj", "events"),
+                                         ("xattn", "enc", "next_item")]
 )
-def test_save_load_round_trip(tmp_path, integration, strategy):
+def test_save_load_round_trip(tmp_path, integration, strategy, user_tokens):
     base = tiny_llm("llama", seed=3)
     base.save_pretrained(tmp_path / "base")
     tiny_tokenizer().save_pretrained(tmp_path / "base")
     cfg = UserLLMConfig(llm=str(tmp_path / "base"), integration=integration, strategy=strategy, xattn_every=1,
-                        xattn_dim=16, n_xattn_heads=2, num_latents=4, lora_r=4)
+                        xattn_dim=16, n_xattn_heads=2, num_latents=4, lora_r=4, user_tokens=user_tokens,
+                        perceiver=user_tokens == "events")
     model = UserLLM(cfg, tiny_encoder(), base)
     with torch.no_grad():  # make every trained tensor differ from a fresh init
         for p in model.parameters():
@@ -333,6 +366,13 @@ def test_config_rejects_bad_values():
         UserLLMConfig(xattn_dim=30, n_xattn_heads=4)
     with pytest.raises(ValueError, match="xattn_every=3 exceeds"):
         UserLLM(UserLLMConfig(xattn_every=3), tiny_encoder(), tiny_llm())
+    with pytest.raises(ValueError, match="user_tokens='last'"):
+        UserLLMConfig(user_tokens="last")
+    with pytest.raises(ValueError, match="set perceiver=False"):
+        UserLLMConfig(user_tokens="next_item")
+    bert = BERT4Rec(BERT4RecConfig(vocab_sizes=USER_VOCAB, d_model=32, n_layers=1, max_len=8))
+    with pytest.raises(ValueError, match="BERT4Rec has no next_item_vectors"):
+        UserLLM(UserLLMConfig(user_tokens="next_item", perceiver=False), bert, tiny_llm())
 
 
 # ---------------------------------------------------------------- LLM loading

@@ -94,6 +94,15 @@ class ARUserEncoder(Pretrained, nn.Module):
         last = h[torch.arange(h.shape[0], device=h.device), last_index(batch["mask"])]
         return self.logits(last, feature)
 
+    @property
+    def next_item_dim(self) -> int:
+        return self.config.feature_dims["item"]
+
+    def next_item_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, 1, next_item_dim]: what the item head scores every item embedding against after the last event."""
+        h = self.encode(batch)
+        return self.heads["item"](h[torch.arange(h.shape[0], device=h.device), last_index(batch["mask"])])[:, None]
+
     def score_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Next-item scores [B, vocab_sizes['item']] (reserved ids included; the evaluator drops them)."""
         return self.next_logits(batch, "item")

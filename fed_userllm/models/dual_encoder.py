@@ -93,6 +93,11 @@ class DualEncoder(Pretrained, nn.Module):
         return u[torch.arange(u.shape[0], device=u.device), last_index(batch["mask"])]
 
     forward = encode
+    next_item_vectors = encode  # the user embeddings are what the item label tower is scored against
+
+    @property
+    def next_item_dim(self) -> int:
+        return self.config.d_model
 
     def similarity(self, u: torch.Tensor, feature: str) -> torch.Tensor:
         """Scores [..., V] of every label-tower id against user embeddings u [..., k, d]: max over k."""

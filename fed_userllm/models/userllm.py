@@ -8,6 +8,11 @@ Two integrations:
   the call and repeats them to match beam-expanded batches.
 - ``softprompt``: projected user tokens plus a learned task prompt are prepended to the token embeddings.
 
+User tokens: ``events`` projects every event's embedding (the paper; optionally Perceiver-compressed);
+``next_item`` projects only the encoder's *next-item vectors*, what its item head scores every item against
+after the last event (one for the AR encoder, k for the dual encoder). A frozen LLM's query barely separates
+50 event tokens, and the prediction the encoder was trained for is one of them, mixed with the other 49.
+
 Training strategies (what is trainable): ``full`` LLM + encoder + projection, ``lora`` LoRA adapters + encoder +
 projection, ``enc`` encoder + projection (LLM frozen; the default), ``proj`` projection only. Cross-attention
 blocks and the task prompt count as projection.
@@ -23,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -33,6 +39,7 @@ from .llm import load_llm
 from .projection import CrossAttention, Projection, feed_forward
 
 INTEGRATIONS = ("xattn", "softprompt")
+USER_TOKENS = ("events", "next_item")
 STRATEGIES = ("full", "lora", "enc", "proj")
 CONFIG_NAME = "userllm_config.json"
 WEIGHTS_NAME = "userllm_trained.safetensors"
@@ -48,6 +55,7 @@ class UserLLMConfig:
     xattn_dim: int = 64
     n_xattn_heads: int = 4
     xattn_ffn: bool = True  # gated feed-forward after each cross-attention
+    user_tokens: str = "events"  # events: one per event | next_item: the encoder's next-item vector(s)
     perceiver: bool = True
     num_latents: int = 16
     perceiver_depth: int = 1
@@ -63,6 +71,11 @@ class UserLLMConfig:
             raise ValueError(f"integration={self.integration!r}: expected one of {INTEGRATIONS}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
+        if self.user_tokens not in USER_TOKENS:
+            raise ValueError(f"user_tokens={self.user_tokens!r}: expected one of {USER_TOKENS}")
+        if self.user_tokens == "next_item" and self.perceiver:
+            raise ValueError("user_tokens='next_item' gives one token per user embedding; the Perceiver compresses "
+                             "event sequences: set perceiver=False")
         for name in ("xattn_every", "xattn_dim", "n_xattn_heads", "num_latents", "perceiver_depth", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
@@ -171,8 +184,12 @@ class UserLLM(nn.Module):
         hidden = llm.config.hidden_size
         self.encoder = encoder
         d_out = config.xattn_dim if config.integration == "xattn" else hidden
+        if config.user_tokens == "next_item" and not hasattr(encoder, "next_item_vectors"):
+            raise ValueError(f"user_tokens='next_item': {type(encoder).__name__} has no next_item_vectors "
+                             "(the AR and dual encoders do)")
+        d_user = encoder.next_item_dim if config.user_tokens == "next_item" else encoder.config.d_model
         self.projection = Projection(
-            encoder.config.d_model, d_out, config.perceiver, config.num_latents, config.perceiver_depth,
+            d_user, d_out, config.perceiver, config.num_latents, config.perceiver_depth,
             config.n_xattn_heads,
         )
         if config.integration == "xattn":
@@ -204,6 +221,10 @@ class UserLLM(nn.Module):
 
     def encode_user(self, batch_user: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """User batch -> (user tokens [B, N, d_out], mask [B, N] True at real tokens)."""
+        if self.config.user_tokens == "next_item":  # layer-normed: item-head outputs have no fixed scale
+            vectors = self.encoder.next_item_vectors(batch_user)
+            vectors = F.layer_norm(vectors, vectors.shape[-1:])
+            return self.projection(vectors, torch.ones(vectors.shape[:2], dtype=torch.bool, device=vectors.device))
         states = self.encoder.encode(batch_user)
         mask = batch_user["mask"]
         if mask.shape != states.shape[:2]:  # encoders emitting k summary tokens (dual encoder): all real

@@ -67,6 +67,7 @@ class ContextualizeConfig:
     perceiver: bool = True
     num_latents: int = 16
     xattn_layers: list[int] | None = None  # decoder layers followed by cross-attention; None: every 4th
+    user_tokens: str = "events"  # events: one per event | next_item: the encoder's next-item vector (UserLLM)
     objective: str = "lm"  # lm: token cross-entropy | catalog: -log P(title | catalog) (NextItem, see below)
     history_len: int = 50  # events per example (the encoder's input)
     text_history_len: int = 0  # most recent events written into the prompt (0 = User-LLM only)
@@ -79,6 +80,7 @@ class ContextualizeConfig:
     encoder_lr: float | None = None  # None: lr; lower keeps a pretrained encoder while new layers learn fast
     weight_decay: float = 1e-3
     warmup_frac: float = 0.05
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off: the catalog objective trains better without it)
     max_target_tokens: int = 64
     eval_users: int = 100  # size of the fixed random user subset evaluated (0 = skip evaluation)
     eval_batch_size: int = 8  # prompts per beam search; the KV cache grows with prompt length x beams
@@ -105,7 +107,7 @@ class ContextualizeConfig:
                      "eval_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
-        for name in ("text_history_len", "micro_batch_size", "eval_users", "eval_every"):
+        for name in ("text_history_len", "micro_batch_size", "eval_users", "eval_every", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
         if self.encoder_lr is not None and self.encoder_lr < 0:
@@ -125,6 +127,13 @@ class ContextualizeConfig:
                                  f"== history_len, got {self.text_history_len} and {self.history_len}")
         elif self.encoder is None:
             raise ValueError(f"integration={self.integration!r} needs encoder= (a pretraining run directory)")
+        else:
+            self.userllm_config()  # its own checks, before anything is loaded
+
+    def userllm_config(self) -> UserLLMConfig:
+        return UserLLMConfig(llm=self.llm, integration=self.integration, perceiver=self.perceiver,
+                             num_latents=self.num_latents, xattn_layers=self.xattn_layers,
+                             user_tokens=self.user_tokens, strategy=self.strategy)
 
     @classmethod
     def from_dict(cls, values: dict) -> ContextualizeConfig:
@@ -187,10 +196,7 @@ def build_model(config: ContextualizeConfig, seq: UserSequences, llm: PreTrained
     if config.history_len > encoder.config.max_len:
         raise ValueError(f"history_len={config.history_len} exceeds the encoder's "
                          f"max_len={encoder.config.max_len}")
-    user_config = UserLLMConfig(llm=config.llm, integration=config.integration, perceiver=config.perceiver,
-                                num_latents=config.num_latents, xattn_layers=config.xattn_layers,
-                                strategy=config.strategy)
-    return UserLLM(user_config, encoder, llm)
+    return UserLLM(config.userllm_config(), encoder, llm)
 
 
 def prepare(config: ContextualizeConfig,
@@ -354,7 +360,8 @@ def _check_run_dir(run_dir: Path, config: ContextualizeConfig, resume: bool) -> 
     if not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
                               "another --out")
-    saved = json.loads((run_dir / "config.json").read_text())
+    # through the dataclass: settings added since the run was written take their defaults
+    saved = asdict(ContextualizeConfig.from_dict(json.loads((run_dir / "config.json").read_text())))
     if saved != asdict(config):
         changed = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
         raise ValueError(f"{run_dir}/config.json differs from this run's settings {changed}: a resumed run "
@@ -457,7 +464,8 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
         n = min(min(p - step % p for p in periods), config.steps - step)  # up to the next log/eval/checkpoint
         start = time.time()
         loss = local_train_steps(model, examples, n, optimizer, config.batch_size, scheduler, config.seed,
-                                 step, micro_batch_size=config.micro_batch_size or None, progress=bar)
+                                 step, max_grad_norm=config.max_grad_norm or float("inf"),
+                                 micro_batch_size=config.micro_batch_size or None, progress=bar)
         step, seconds = step + n, seconds + time.time() - start
         pending += [loss] * n
         if step % LOG_EVERY == 0 or step == config.steps:
