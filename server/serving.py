@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fed_userllm.data.sequences import UserSequences
 from fed_userllm.data.vocab import NUM_RESERVED
+from fed_userllm.models import load_pretrained
 from fed_userllm.models.constrained import TitleTrie, rank_titles
 from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import CONFIG_NAME, ENCODER_DIR, UserLLM
@@ -94,15 +95,22 @@ class PrecomputedStates(nn.Module):
     """Stands in for the user encoder: the phone already ran it, so ``encode`` returns the states it sent.
 
     Plugged into ``UserLLM.from_pretrained(..., encoder=...)``, it lets the UserLLM apply its own projection
-    and cross-attention / soft prompt exactly as in training, with no copy of that logic here.
+    and cross-attention / soft prompt exactly as in training, with no copy of that logic here. ``encoder``
+    (the on-device encoder's weights) serves models trained with ``user_tokens='next_item'``: its next-item
+    head maps the sent states to the vector the model reads.
     """
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, encoder: nn.Module | None = None):
         super().__init__()
         self.config = SimpleNamespace(d_model=d_model)
+        self.encoder = encoder
+        self.next_item_dim = getattr(encoder, "next_item_dim", None)
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["states"]
+
+    def next_item_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encoder.next_item_from_states(batch["states"], batch["mask"])
 
 
 @dataclass
@@ -171,7 +179,8 @@ class ServedModel:
         encoder_dir = saved if saved.is_dir() else Path(config.encoder) / "best"
         encoder = json.loads((encoder_dir / "config.json").read_text())
         llm, tokenizer = load_llm(config.llm, device=resolve_device(device))
-        model = UserLLM.from_pretrained(model_dir, llm=llm, encoder=PrecomputedStates(encoder["d_model"]))
+        states = PrecomputedStates(encoder["d_model"], load_pretrained(encoder_dir, "cpu"))
+        model = UserLLM.from_pretrained(model_dir, llm=llm, encoder=states)
         task = load_task(config, tokenizer)
         return cls(model, tokenizer, encoder_weights_hash(encoder_dir), encoder["max_len"],
                    catalogs(task.seq), task.noun, config.task, str(run_dir))

@@ -208,20 +208,23 @@ def test_model_info_health_and_openapi(client, server, served):
     assert {"401", "409", "413", "422"} <= set(paths["/v1/generate"]["post"]["responses"])
 
 
-@pytest.mark.parametrize("integration", ["xattn", "softprompt"])
-def test_precomputed_states_match_the_encoder_path_in_batches(tmp_path, run_dir, trained, integration):
+@pytest.mark.parametrize("integration,user_tokens", [("xattn", "events"), ("softprompt", "events"),
+                                                     ("xattn", "next_item")])
+def test_precomputed_states_match_the_encoder_path_in_batches(tmp_path, run_dir, trained, integration,
+                                                              user_tokens):
     """Without the Perceiver padded events stay visible as masked tokens: batching users of different
-    lengths must still give each the answer UserLLM.generate gives from the raw history."""
+    lengths must still give each the answer UserLLM.generate gives from the raw history (with the next-item
+    token, the server applies the encoder's item head to the sent states)."""
     model, task = trained
     cfg = UserLLMConfig(llm="unused", integration=integration, perceiver=False, xattn_every=1, xattn_dim=16,
-                        n_xattn_heads=2, num_task_prompt_tokens=2)
+                        n_xattn_heads=2, num_task_prompt_tokens=2, user_tokens=user_tokens)
     base = str(run_dir.parent / "llm")
     reference = UserLLM(cfg, copy.deepcopy(model.encoder), load_llm(base, device="cpu")[0]).eval()
     if integration == "xattn":
         set_gates(reference, 2.0)
     reference.save_pretrained(tmp_path)
     loaded = UserLLM.from_pretrained(tmp_path, llm=load_llm(base, device="cpu")[0],
-                                     encoder=PrecomputedStates(32))
+                                     encoder=PrecomputedStates(32, copy.deepcopy(model.encoder)))
     served = ServedModel(loaded, task.tokenizer, "hash", MAX_LEN, catalogs={})
     jobs, expected = [], []
     for user, n in ((0, 8), (1, 3), (2, 5)):

@@ -95,6 +95,10 @@ class DualEncoder(Pretrained, nn.Module):
     forward = encode
     next_item_vectors = encode  # the user embeddings are what the item label tower is scored against
 
+    def next_item_from_states(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`next_item_vectors` from already computed ``encode`` output: that output itself."""
+        return u
+
     @property
     def next_item_dim(self) -> int:
         return self.config.d_model

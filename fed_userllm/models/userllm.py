@@ -184,7 +184,7 @@ class UserLLM(nn.Module):
         hidden = llm.config.hidden_size
         self.encoder = encoder
         d_out = config.xattn_dim if config.integration == "xattn" else hidden
-        if config.user_tokens == "next_item" and not hasattr(encoder, "next_item_vectors"):
+        if config.user_tokens == "next_item" and getattr(encoder, "next_item_dim", None) is None:
             raise ValueError(f"user_tokens='next_item': {type(encoder).__name__} has no next_item_vectors "
                              "(the AR and dual encoders do)")
         d_user = encoder.next_item_dim if config.user_tokens == "next_item" else encoder.config.d_model
