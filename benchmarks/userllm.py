@@ -308,8 +308,8 @@ def acceptance(result: dict) -> dict:
     popularity on NextItem, and its token saving against TP50."""
     checks = {}
     rows = result["accuracy"].get("nextitem", {})
-    for name in (n for n in ("userllm-xattn-next-item", "userllm-xattn-catalog", "userllm-xattn-perceiver",
-                                    "userllm-xattn") if n in rows):
+    xattn = ("userllm-xattn-next-item", "userllm-xattn-catalog", "userllm-xattn-perceiver", "userllm-xattn")
+    for name in (n for n in xattn if n in rows):
         for other in (o for o in BASELINES if o in rows):
             checks[f"{name}_recall@10_beats_{other}"] = rows[name]["recall@10"] > rows[other]["recall@10"]
         if "exact_all_users" in rows[name]:

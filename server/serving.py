@@ -109,8 +109,8 @@ class PrecomputedStates(nn.Module):
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["states"]
 
-    def next_item_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encoder.next_item_from_states(batch["states"], batch["mask"])
+    def next_item_vectors(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder.next_item_vectors(states, mask)
 
 
 @dataclass

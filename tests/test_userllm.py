@@ -94,7 +94,7 @@ def test_next_item_vectors_are_what_the_encoder_scores_items_with(kind):
         vocab_sizes=USER_VOCAB, feature_dims=dims, d_model=32, n_layers=1, n_heads=2, max_len=8, dropout=0.0,
         num_user_embeddings=2))
     users = user_batch([6, 3, 1])
-    vectors = encoder.next_item_vectors(users)
+    vectors = encoder.next_item_vectors(encoder.encode(users), users["mask"])
     assert vectors.shape == (3, 1 if kind == "ar" else 2, encoder.next_item_dim)
     scores = (encoder.unembed["item"](vectors) if kind == "ar" else encoder.label["item"](vectors)).max(1).values
     torch.testing.assert_close(scores, encoder.score_items(users))

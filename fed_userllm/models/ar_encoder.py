@@ -98,12 +98,9 @@ class ARUserEncoder(Pretrained, nn.Module):
     def next_item_dim(self) -> int:
         return self.config.feature_dims["item"]
 
-    def next_item_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, 1, next_item_dim]: what the item head scores every item embedding against after the last event."""
-        return self.next_item_from_states(self.encode(batch), batch["mask"])
-
-    def next_item_from_states(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`next_item_vectors` from already computed ``encode`` output (a server holding a phone's states)."""
+    def next_item_vectors(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, 1, next_item_dim] from ``encode`` output h: what the item head scores every item embedding
+        against after the last event."""
         return self.heads["item"](h[torch.arange(h.shape[0], device=h.device), last_index(mask)])[:, None]
 
     def score_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

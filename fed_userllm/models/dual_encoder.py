@@ -93,10 +93,9 @@ class DualEncoder(Pretrained, nn.Module):
         return u[torch.arange(u.shape[0], device=u.device), last_index(batch["mask"])]
 
     forward = encode
-    next_item_vectors = encode  # the user embeddings are what the item label tower is scored against
 
-    def next_item_from_states(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`next_item_vectors` from already computed ``encode`` output: that output itself."""
+    def next_item_vectors(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``encode`` output itself: the user embeddings are what the item label tower is scored against."""
         return u
 
     @property

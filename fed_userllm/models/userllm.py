@@ -221,12 +221,12 @@ class UserLLM(nn.Module):
 
     def encode_user(self, batch_user: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """User batch -> (user tokens [B, N, d_out], mask [B, N] True at real tokens)."""
-        if self.config.user_tokens == "next_item":  # layer-normed: item-head outputs have no fixed scale
-            vectors = self.encoder.next_item_vectors(batch_user)
-            vectors = F.layer_norm(vectors, vectors.shape[-1:])
-            return self.projection(vectors, torch.ones(vectors.shape[:2], dtype=torch.bool, device=vectors.device))
         states = self.encoder.encode(batch_user)
         mask = batch_user["mask"]
+        if self.config.user_tokens == "next_item":  # layer-normed: item-head outputs have no fixed scale
+            vectors = self.encoder.next_item_vectors(states, mask)
+            vectors = F.layer_norm(vectors, vectors.shape[-1:])
+            return self.projection(vectors, torch.ones(vectors.shape[:2], dtype=torch.bool, device=vectors.device))
         if mask.shape != states.shape[:2]:  # encoders emitting k summary tokens (dual encoder): all real
             mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         return self.projection(states, mask)
