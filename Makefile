@@ -25,9 +25,10 @@ run: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run simulations/movielens --stream \
 	  --federation-config "num-supernodes=610 client-resources-num-cpus=1"
 
+# Tests run in a random order (pytest-randomly); the header prints the seed: rerun one with -p randomly --randomly-seed=N.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) runs artifacts .pytest_cache .ruff_cache
