@@ -39,7 +39,7 @@ from fed_userllm.models import ARUserEncoder, ARUserEncoderConfig, Popularity, P
 from fed_userllm.models.llm import load_llm  # noqa: E402
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig  # noqa: E402
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
-from fed_userllm.tasks import FavGenre, NextItem, Task, list_ranks  # noqa: E402
+from fed_userllm.tasks import FavGenre, NextItem, Task  # noqa: E402
 from fed_userllm.tasks.catalog import CatalogScorer  # noqa: E402
 from fed_userllm.train.centralized import PretrainConfig, pretrain  # noqa: E402
 from fed_userllm.train.contextualize import (  # noqa: E402
@@ -204,14 +204,8 @@ def evaluate_variant(task_name: str, name: str, base, args) -> dict:
 def exact_ranking(model, task: Task, config: ContextualizeConfig) -> dict:
     """Every test user's top 10 by exact log P(title | catalog) (no beam-search error; seconds per hundred
     users with the cached text states of a catalog model), against popularity on the same users."""
-    scorer = CatalogScorer.for_task(model, task)
-    spans = task.spans(None, "test", config.history_len)
-    sums: dict = {}
-    for lo in range(0, len(spans), 32):
-        chunk = spans[lo:lo + 32]
-        ranked = scorer.rank(task.seq.gather(chunk[:, 0], chunk[:, 1], config.history_len), 10)
-        part = ranking_sums(list_ranks(ranked, task.target_titles(chunk)))
-        sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+    sums = CatalogScorer.for_task(model, task).evaluate(task, task.spans(None, "test", config.history_len),
+                                                         config.history_len)
     everyone = dataclasses.replace(config, eval_users=task.seq.num_users)
     return {"userllm": with_stderr(finalize(sums)), "popularity": with_stderr(popularity(task, everyone))}
 

@@ -3,6 +3,8 @@
 Handlers by message type (``<category>.<phase>``), so later phases add their own beside these:
 
 - ``query.describe``: public federation metadata (partition count and vocabulary sizes), see `describe`;
+- ``train.popularity``: the client's unit-norm vector of the items its users rated (the item-prior release);
+- ``evaluate.popularity``: hit counts of the released popularity scores;
 - ``train.pretrain``: train the received encoder on the client's own windows; reply with the new parameters
   and counts;
 - ``evaluate.pretrain``: score the client's own validation or test targets; reply with hit counts;
@@ -22,7 +24,7 @@ import warnings
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_userllm.clients import contextualize
@@ -34,10 +36,12 @@ from fed_userllm.clients.task import (
     evaluate_local,
     get_arrays,
     load_data,
+    popularity_update,
     set_arrays,
     train_local,
 )
 from fed_userllm.data import Partitioner, UserSequences
+from fed_userllm.models import Popularity, PopularityConfig
 from fed_userllm.privacy import epsilon_from_history
 from fed_userllm.runtime import resolve_device, set_threads
 
@@ -77,9 +81,8 @@ class _Client:
 def describe(message: Message, context: Context) -> Message:
     """Federation metadata the server needs to build the model and check the node count.
 
-    The number of partitions and the vocabulary sizes are the same on every client. Vocabularies are
-    treated as public metadata (in a deployment they are the public movie catalog and genre/rating
-    lists); here the data layer builds them from training events, so their sizes are a non-DP aggregate.
+    The number of partitions and the vocabulary sizes are the same on every client. The vocabularies come
+    from the public catalog and the fixed rating buckets, never from events, so nothing private is released.
     """
     cfg = FederatedConfig.from_run_config(dict(context.run_config))
     seq = load_data(cfg.dataset, cfg.max_len)
@@ -112,6 +115,31 @@ def evaluate_pretrain(message: Message, context: Context) -> Message:
     client = _Client(context)
     split = str(message.content["config"]["split"])
     sums = evaluate_local(client.model(message), client.seq, client.users, split, client.device)
+    return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=message)
+
+
+@app.train("popularity")
+def train_popularity(message: Message, context: Context) -> Message:
+    """The client's unit-norm vector of the items its users rated, added to the received counts; every user
+    weighs the same (``num-examples`` 1), with or without DP."""
+    client = _Client(context)
+    counts = message.content["arrays"]
+    if list(counts.keys()) != ["counts"]:
+        raise ValueError(f"train.popularity expects arrays ['counts'], got {list(counts.keys())}")
+    update = popularity_update(client.seq, client.users, client.cfg.clip_norm)
+    arrays = ArrayRecord({"counts": Array(counts["counts"].numpy() + update)})
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1, "steps": 0})}),
+                   reply_to=message)
+
+
+@app.evaluate("popularity")
+def evaluate_popularity(message: Message, context: Context) -> Message:
+    """Hit counts of the released popularity scores on the client's own ``split`` targets."""
+    client = _Client(context)
+    model = Popularity(PopularityConfig(client.seq.vocab_sizes))
+    model.counts.requires_grad_(True)
+    set_arrays(model, message.content["arrays"])
+    sums = evaluate_local(model, client.seq, client.users, str(message.content["config"]["split"]), client.device)
     return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=message)
 
 

@@ -17,14 +17,15 @@ from pathlib import Path
 from fed_userllm.data import DEFAULT_DATASET
 from fed_userllm.data.download import VARIANTS
 from fed_userllm.data.reviews import detect_reviews
-from fed_userllm.train.centralized import ENCODERS
+from fed_userllm.models import ENCODERS
+from fed_userllm.models.layers import ITEM_FEATURES
 
-PHASE_NAMES = ("pretrain", "contextualize")
+PHASE_NAMES = ("pretrain", "contextualize", "popularity")  # the index seeds each phase's noise: append only
 LLM_TASKS = ("nextitem", "favgenre", "reviewg")  # reviewg: an Amazon / Google Local review folder as dataset
 LLM_INTEGRATIONS = ("xattn", "softprompt")
 LLM_OBJECTIVES = ("lm", "catalog")  # see fed_userllm.train.contextualize
 LLM_USER_TOKENS = ("events", "next_item")  # see fed_userllm.models.userllm
-STRATEGIES = ("fedavg", "fedadam")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam")
 LR_SCHEDULES = ("constant", "cosine")
 DP_MODES = ("none", "user", "sample")
 ACCOUNTANTS = ("rdp", "prv")
@@ -37,6 +38,7 @@ class FederatedConfig:
     """One federated run. Field ``x_y`` is run-config key ``x-y``."""
 
     phases: str  # comma-separated phase names, run in order
+    popularity_rounds: int  # the popularity phase: releases averaged into the item prior (q = 1 each)
     dataset: str
     max_len: int
     users_per_client: int
@@ -46,6 +48,8 @@ class FederatedConfig:
     n_layers: int
     n_heads: int
     item_dim: int
+    item_features: str  # learned: a per-item table | public: frozen features of the public catalog (ar only)
+    item_features_llm: str  # public item features: the LLM whose title representation is used ("": none)
     dropout: float
     encoder: str  # contextualize without pretrain in this run: the pretrained encoder to start from
     llm: str  # the contextualize phase's frozen LLM: "smollm2" (embedded), an HF id or a local path
@@ -68,7 +72,9 @@ class FederatedConfig:
     batch_size: int
     lr: float
     strategy: str
-    server_lr: float  # FedAdam's server learning rate (eta); FedAvg applies the average as is
+    server_lr: float  # FedAdam's eta / FedAvgM's server SGD step; FedAvg applies the average as is
+    server_momentum: float  # FedAvgM's server momentum
+    server_tau: float  # FedAdam's adaptivity floor: coordinates whose updates stay below it move less than eta
     server_lr_schedule: str  # constant | cosine (eta decays to 0 over the phase's rounds)
     dp: str
     noise_multiplier: float
@@ -121,11 +127,22 @@ class FederatedConfig:
         for name in self.phase_names:
             check(name in PHASE_NAMES, "phases", f"comma-separated phase names from {PHASE_NAMES}")
         check(bool(self.phase_names), "phases", "at least one phase")
+        check(len(set(self.phase_names)) == len(self.phase_names), "phases", "each phase at most once")
+        check(self.popularity_rounds >= 1, "popularity-rounds", "an integer >= 1")
+        if "popularity" in self.phase_names:
+            check("pretrain" in self.phase_names and self.phase_names.index("popularity")
+                  < self.phase_names.index("pretrain"), "phases",
+                  "popularity before pretrain (its release initializes the encoder's item prior)")
+            check(self.model == "ar", "phases", "no 'popularity' unless model='ar' (whose item scores have a "
+                  "per-item bias to initialize)")
         known_dataset = (self.dataset == DEFAULT_DATASET or self.dataset in VARIANTS
                          or self.dataset.startswith("synthetic") or Path(self.dataset).expanduser().is_dir())
         check(known_dataset, "dataset",
               f"{DEFAULT_DATASET}, one of {sorted(VARIANTS)}, 'synthetic[:users=N,...]' or a folder")
         check(self.model in ENCODERS, "model", f"one of {sorted(ENCODERS)}")
+        check(self.item_features in ITEM_FEATURES, "item-features", f"one of {ITEM_FEATURES}")
+        check(self.item_features == "learned" or self.model == "ar", "item-features",
+              "'learned' unless model='ar' (public item features are implemented for the AR encoder)")
         check(self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}")
         check(self.dp in DP_MODES, "dp", f"one of {DP_MODES}")
         check(self.accountant in ACCOUNTANTS, "accountant", f"one of {ACCOUNTANTS}")
@@ -147,6 +164,8 @@ class FederatedConfig:
         for key in ("lr", "server-lr", "round-timeout"):
             value = getattr(self, key.replace("-", "_"))
             check(value > 0 and math.isfinite(value), key, "a finite number > 0")
+        check(0 <= self.server_momentum < 1, "server-momentum", "a momentum in [0, 1)")
+        check(self.server_tau > 0 and math.isfinite(self.server_tau), "server-tau", "a finite number > 0")
         check(self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier), "noise-multiplier",
               "a finite number >= 0")
         check(self.clip_norm > 0, "clip-norm", "a number > 0 (inf disables clipping when dp='none')")
@@ -209,7 +228,13 @@ class FederatedConfig:
     def for_phase(self, name: str) -> FederatedConfig:
         """The settings as phase ``name``'s round loop, strategy and clients see them: contextualize runs
         ``llm-rounds`` rounds at q = ``llm-fraction-train`` with its own learning rates, local steps, batch
-        size and evaluation share; pretrain uses the settings as they are."""
+        size and evaluation share; popularity runs ``popularity-rounds`` rounds in which every client takes part
+        (q = 1) and the server averages the releases (server SGD at rate 1/rounds, no momentum); pretrain uses
+        the settings as they are."""
+        if name == "popularity":
+            return replace(self, num_rounds=self.popularity_rounds, fraction_train=1.0, strategy="fedavgm",
+                           server_lr=1.0 / self.popularity_rounds, server_momentum=0.0,
+                           server_lr_schedule="constant", eval_every=0)
         if name != "contextualize":
             return self
         return replace(self, num_rounds=self.llm_rounds, fraction_train=self.llm_fraction_train,

@@ -130,6 +130,9 @@ def train_local(model: UserLLM, task: Task, users: np.ndarray, cfg: FederatedCon
 
 def evaluate_local(model: UserLLM, task: Task, users: np.ndarray, split: str,
                    cfg: FederatedConfig) -> dict[str, float]:
-    """Summed task metrics (NextItem: Recall@1/5/10 hits, NDCG@10; FavGenre: hits) and ``n`` on ``split``."""
+    """Summed task metrics (NextItem: Recall@1/5/10 hits, NDCG@10; FavGenre: hits) and ``n`` on ``split``;
+    a catalog model ranks every title exactly, any other decodes by constrained beam search."""
     spans = task.spans(users, split, cfg.max_len)
+    if cfg.llm_objective == "catalog":
+        return catalog_scorer(model, task).evaluate(task, spans, cfg.max_len)
     return evaluate(model, task, spans, cfg.max_len, batch_size=ContextualizeConfig.eval_batch_size)

@@ -20,19 +20,31 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from fed_userllm.clients.config import FederatedConfig
-from fed_userllm.data import Partitioner, UserSequences, load_sequences
+from fed_userllm.data import NUM_RESERVED, Partitioner, UserSequences, load_catalog, load_sequences
+from fed_userllm.data.item_features import ItemFeatureSpec, public_item_features
+from fed_userllm.data.sequences import public_vocabularies
 from fed_userllm.eval.evaluate import evaluation_sums
-from fed_userllm.models.layers import with_item_dim
-from fed_userllm.train.centralized import ENCODERS
+from fed_userllm.models import build_encoder
 
 
 def build_model(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> torch.nn.Module:
-    """A fresh encoder of ``cfg.model`` (seeded by ``cfg.seed``, so server and tests agree on round 0)."""
+    """A fresh encoder of ``cfg.model`` (seeded by ``cfg.seed``, so server and tests agree on round 0).
+
+    With ``item-features='public'`` every side computes the same frozen item table from the public catalog;
+    only the trainable parameters are ever exchanged.
+    """
+    features = public_item_table(cfg.dataset, cfg.item_features_llm) if cfg.item_features == "public" else None
     torch.manual_seed(cfg.seed)
-    model_class, config_class = ENCODERS[cfg.model]
-    return model_class(with_item_dim(config_class(vocab_sizes=vocab_sizes, max_len=cfg.max_len + 1,
-                                                  d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                                  dropout=cfg.dropout), cfg.item_dim))
+    return build_encoder(cfg.model, vocab_sizes, cfg.max_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout,
+                         cfg.item_dim, features)
+
+
+@lru_cache(maxsize=2)
+def public_item_table(dataset: str, llm: str) -> np.ndarray:
+    """The public item features of ``dataset``'s catalog, from the catalog alone (once per process; the LLM
+    part is cached on disk)."""
+    catalog = load_catalog(dataset)
+    return public_item_features(catalog, public_vocabularies(catalog)["item"], ItemFeatureSpec(llm=llm))
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -70,6 +82,20 @@ def load_data(dataset: str, max_len: int) -> UserSequences:
 def client_users(cfg: FederatedConfig, seq: UserSequences, partition_id: int) -> np.ndarray:
     """The user indices this client holds: its partition, and nothing else."""
     return Partitioner(seq.num_users, cfg.users_per_client, cfg.partition_seed).users(partition_id)
+
+
+def popularity_update(seq: UserSequences, users: np.ndarray, clip_norm: float) -> np.ndarray:
+    """The client's share of the item-popularity release [vocab]: each user marks the distinct items of their
+    training events with ``clip_norm / sqrt(#items)`` (one user's vector has L2 norm exactly ``clip_norm``, so
+    clipping keeps all of it); the sum over users counts how many users rated each item, per unit of norm."""
+    update = np.zeros(seq.vocab_sizes["item"], dtype=np.float32)
+    starts, ends = seq.train_ranges(users)
+    for start, end in zip(starts, ends, strict=True):
+        items = np.unique(seq.features["item"][start:end])
+        items = items[items >= NUM_RESERVED]
+        if len(items):
+            update[items] += clip_norm / np.sqrt(len(items))
+    return update
 
 
 @dataclass

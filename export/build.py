@@ -126,9 +126,9 @@ def manifest_for(model: ARUserEncoder, seq: UserSequences, max_len: int, dynamic
         "features": list(c.features),
         "input": {"name": "ids", "dtype": "int64", "shape": [1, "T", len(c.features)],
                   "layout": "feature ids per event, columns in `features` order"},
-        "output": {"dtype": "float32", "shape": [1, "T", c.d_model],
+        "output": {"dtype": "float32", "shape": [1, "T", model.state_dim],
                    "meaning": "one user embedding per event; row t depends on events <= t only"},
-        "embedding_dim": c.d_model,
+        "embedding_dim": model.state_dim,
         "dtype": "float32",
         "weights": "int8" if quantize else "float32",
         "quantization": None if quantize is None else {

@@ -73,7 +73,7 @@ class ExportBlock(nn.Module):
 
 
 class ExportableEncoder(nn.Module):
-    """``ARUserEncoder.encode`` for one history: ids [1, T, F] (features in config order) -> [1, T, d_model].
+    """``ARUserEncoder.encode`` for one history: ids [1, T, F] (features in config order) -> [1, T, state_dim].
 
     ``max_len`` is the longest history the export accepts (at most the model's ``max_len``). The module owns
     copies of the weights, so quantizing it leaves the source model untouched.
@@ -90,6 +90,9 @@ class ExportableEncoder(nn.Module):
         self.register_buffer("pos", model.pos.weight.detach()[:max_len].clone())
         self.blocks = nn.ModuleList(ExportBlock(b) for b in model.transformer.blocks)
         self.ln_f = LayerNorm(model.transformer.ln_f)
+        public = c.item_features == "public"  # the state ends with the event's public item features
+        self.item_column = c.features.index("item") if public else None
+        self.register_buffer("item_features", model.embed["item"].features.detach().clone() if public else None)
         self.eval()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -100,4 +103,7 @@ class ExportableEncoder(nn.Module):
         causal = torch.where(t[None, :] > t[:, None], float("-inf"), 0.0)  # [T, T]: -inf above the diagonal
         for block in self.blocks:
             x = block(x, causal)
-        return self.ln_f(x).unsqueeze(0)
+        x = self.ln_f(x)
+        if self.item_column is not None:
+            x = torch.cat([x, self.item_features[ids[0, :, self.item_column]]], dim=-1)
+        return x.unsqueeze(0)

@@ -21,7 +21,7 @@ def _data_describe(args: argparse.Namespace) -> None:
     print(f"users          {info['users']:,}")
     print(f"events         {info['events']:,}")
     print(f"known items    {info['known_items']:,} (in the item catalog; {info['rated_items']:,} rated)")
-    print(f"train vocab    {info['train_item_vocab']:,} item ids (incl. 3 reserved), from training events only")
+    print(f"item vocab     {info['item_vocab']:,} item ids (incl. 3 reserved), from the public catalog")
     for reason, n in info["skipped"].items():
         print(f"skipped        {n:,} {reason}")
     pct = "  ".join(f"{k}={v:g}" for k, v in info["sequence_length_percentiles"].items())

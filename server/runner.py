@@ -34,12 +34,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam
 
 from fed_userllm.clients.config import PHASE_NAMES, FederatedConfig
 from fed_userllm.clients.contextualize import initial_userllm
 from fed_userllm.clients.task import build_model, get_arrays, set_arrays
 from fed_userllm.eval.ranking import add_sums, finalize
+from fed_userllm.models import Popularity, PopularityConfig
 from fed_userllm.privacy import (
     SAMPLE_LEVEL,
     USER_LEVEL,
@@ -63,7 +63,14 @@ from fed_userllm.runtime import (
     set_threads,
 )
 from fed_userllm.server.plots import plot_run
-from fed_userllm.server.strategy import build_strategy, load_strategy_state, server_lr, strategy_state
+from fed_userllm.server.strategy import (
+    build_strategy,
+    get_server_lr,
+    load_strategy_state,
+    server_lr,
+    set_server_lr,
+    strategy_state,
+)
 
 # Settings that may differ when resuming (they do not change what is computed).
 RESUMABLE = ("resume", "run_dir", "round_timeout", "max_in_flight", "threads", "device")
@@ -93,9 +100,32 @@ class Phase:
         return f"evaluate.{self.name}"
 
 
+def _popularity(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
+    """Item counts starting at zero (popularity); the clients' unit-norm vectors are what is released."""
+    model = Popularity(PopularityConfig(vocab_sizes))
+    model.counts.requires_grad_(True)  # exchanged like a trained parameter; never trained by gradient
+    return model
+
+
 def _encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
-    """A fresh user encoder (pretrain)."""
-    return build_model(cfg, vocab_sizes)
+    """A fresh user encoder (pretrain); after a popularity phase its item bias is the released prior."""
+    model = build_model(cfg, vocab_sizes)
+    if "popularity" in cfg.phase_names:
+        with torch.no_grad():
+            prior = item_prior(run_dir, cfg)
+            model.unembed["item"].bias.copy_(prior - prior.mean())
+    return model
+
+
+def item_prior(run_dir: Path, cfg: FederatedConfig) -> torch.Tensor:
+    """log of the released popularity, floored at half the release's noise std (items whose count is lost in
+    the noise tie at the floor instead of being ranked by it)."""
+    release = Popularity.from_pretrained(run_dir / PHASES["popularity"].output)
+    saved = _read_json(run_dir / "config.json")
+    sigma, n = saved["privacy"]["noise_multiplier"], saved["num_clients"]
+    noise_std = sigma * cfg.clip_norm / (n * math.sqrt(cfg.popularity_rounds))
+    floor = 0.5 * noise_std if noise_std > 0 else 1e-3 * cfg.clip_norm / n
+    return release.log_prior(floor)
 
 
 def _userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
@@ -105,7 +135,8 @@ def _userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -
     return initial_userllm(cfg, vocab_sizes, source)
 
 
-PHASES = {"pretrain": Phase("pretrain", _encoder, "final"),
+PHASES = {"popularity": Phase("popularity", _popularity, "popularity"),
+          "pretrain": Phase("pretrain", _encoder, "final"),
           "contextualize": Phase("contextualize", _userllm, "userllm")}
 
 
@@ -202,13 +233,13 @@ class RunState:
                     cfg.target_epsilon)
                 break
             began = time.time()
-            if isinstance(strategy, FedAdam):
-                strategy.eta = server_lr(cfg, rnd)
+            set_server_lr(strategy, server_lr(cfg, rnd))
             outcome = self.train_round(phase, strategy, arrays, rnd)
             if outcome is None:
                 break
             arrays, record = outcome
-            record |= sizes | ({"server_lr": strategy.eta} if isinstance(strategy, FedAdam) else {})
+            lr = get_server_lr(strategy)
+            record |= sizes | ({"server_lr": lr} if lr is not None else {})
             if cfg.eval_every and rnd % cfg.eval_every == 0:
                 eval_began = time.time()
                 val, (sent, received) = self.evaluate(phase, arrays, eval_nodes, "val", rnd)
@@ -523,7 +554,8 @@ def _train_metrics(ok: list[Message]) -> dict:
         return {"train_loss": None, "num_examples": 0}
     metrics = [r.content["metrics"] for r in ok]
     n = np.array([m["num-examples"] for m in metrics], dtype=float)
-    return {"train_loss": float(np.average([m["train-loss"] for m in metrics], weights=n)),
+    losses = [m["train-loss"] for m in metrics if "train-loss" in m]  # none in the popularity phase
+    return {"train_loss": float(np.average(losses, weights=n)) if len(losses) == len(n) else None,
             "num_examples": int(n.sum()), "local_steps": int(sum(m["steps"] for m in metrics))}
 
 

@@ -103,6 +103,7 @@ class PrecomputedStates(nn.Module):
     def __init__(self, d_model: int, encoder: nn.Module | None = None):
         super().__init__()
         self.config = SimpleNamespace(d_model=d_model)
+        self.state_dim = d_model
         self.encoder = encoder
         self.next_item_dim = getattr(encoder, "next_item_dim", None)
 

@@ -29,7 +29,7 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.privacy import aggregate_dp_fedavg, model_update, poisson_sample
@@ -101,12 +101,35 @@ class UserDPFedAdam(FedAdam, UserDPFedAvg):
     """FedAdam applied to the user-level DP-FedAvg average."""
 
 
+class _ServerMomentum(FedAvgM):
+    """FedAvgM whose current model is always the one the round was configured with (the runner's), so a
+    skipped, refused or resumed round cannot leave a stale copy behind."""
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        self.current_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+class PoissonFedAvgM(_ServerMomentum, PoissonFedAvg):
+    """FedAvgM (server SGD with momentum) over a Poisson-sampled cohort."""
+
+
+class UserDPFedAvgM(_ServerMomentum, UserDPFedAvg):
+    """Server SGD with momentum on the user-level DP-FedAvg average (DP-FedAvgM, McMahan et al. 2018): unlike
+    Adam it does not rescale the coordinates that carry only noise up to full steps."""
+
+
 def build_strategy(cfg: FederatedConfig, seed: int, noise_multiplier: float) -> Strategy:
     """The strategy for ``cfg.strategy`` and ``cfg.dp`` (sample-level DP aggregates like no DP)."""
     user_dp = cfg.dp == "user"
     common = {"fraction_train": cfg.fraction_train, "min_train_nodes": 0, "min_available_nodes": 1}
     if cfg.strategy == "fedadam":
-        strategy = (UserDPFedAdam if user_dp else PoissonFedAdam)(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+        strategy = (UserDPFedAdam if user_dp else PoissonFedAdam)(**common, eta=cfg.server_lr, eta_l=cfg.lr,
+                                                                 tau=cfg.server_tau)
+    elif cfg.strategy == "fedavgm":
+        strategy = (UserDPFedAvgM if user_dp else PoissonFedAvgM)(
+            **common, server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
     else:
         strategy = (UserDPFedAvg if user_dp else PoissonFedAvg)(**common)
     strategy.seed = seed
@@ -122,11 +145,28 @@ def server_lr(cfg: FederatedConfig, server_round: int) -> float:
     return cfg.server_lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / cfg.num_rounds))
 
 
+def set_server_lr(strategy: Strategy, lr: float) -> None:
+    """The server learning rate of this round (FedAdam's eta, FedAvgM's server SGD step); FedAvg has none."""
+    if isinstance(strategy, FedAdam):
+        strategy.eta = lr
+    elif isinstance(strategy, FedAvgM):
+        strategy.server_learning_rate = lr
+
+
+def get_server_lr(strategy: Strategy) -> float | None:
+    if isinstance(strategy, FedAdam):
+        return strategy.eta
+    return strategy.server_learning_rate if isinstance(strategy, FedAvgM) else None
+
+
 def strategy_state(strategy: Strategy) -> dict:
-    """What a resumed run needs besides the global arrays: FedAdam's moment estimates."""
-    return {"m_t": getattr(strategy, "m_t", None), "v_t": getattr(strategy, "v_t", None)}
+    """What a resumed run needs besides the global arrays: FedAdam's moments, FedAvgM's momentum."""
+    return {"m_t": getattr(strategy, "m_t", None), "v_t": getattr(strategy, "v_t", None),
+            "momentum": getattr(strategy, "momentum_vector", None)}
 
 
 def load_strategy_state(strategy: Strategy, state: dict) -> None:
     if isinstance(strategy, FedAdam):
         strategy.m_t, strategy.v_t = state["m_t"], state["v_t"]
+    if isinstance(strategy, FedAvgM):
+        strategy.momentum_vector = state.get("momentum")

@@ -4,6 +4,7 @@ import http.server
 import shutil
 import socket
 import threading
+import warnings
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -15,7 +16,9 @@ from fed_userllm.cli import main
 from fed_userllm.data import (
     PAD_ID,
     UNK_ID,
+    Catalog,
     DataError,
+    Interactions,
     Partitioner,
     UserSequences,
     describe,
@@ -100,14 +103,35 @@ def test_no_test_or_validation_event_leaks_into_training():
     np.testing.assert_array_equal(targets, expected)
 
 
-def test_vocabulary_is_built_from_training_events_only():
+def test_vocabularies_come_from_the_public_catalog_not_from_ratings():
+    interactions, catalog = read_movielens(FIXTURES / "ml-csv")
     with pytest.warns(UserWarning, match="skipped 1 users"):
-        seq = UserSequences.from_interactions(*read_movielens(FIXTURES / "ml-csv"), min_events=3)
-    # movies 5 and 7 are only ever validation or test targets, so they are not in the vocabulary
-    assert seq.vocabs["item"].tokens == [1, 2, 3]
+        seq = UserSequences.from_interactions(interactions, catalog, min_events=3)
+    # every catalog movie has an id, including 5 and 7, which only ever appear as validation / test targets
+    assert seq.vocabs["item"].tokens == [1, 2, 3, 5, 7]
+    assert seq.vocabs["genre"].tokens == ["Action", "Animation", "Comedy", "Crime", "Mystery", "Romance", "Thriller"]
     users = np.arange(seq.num_users)
-    known_2 = seq.vocabs["item"].encode([2])[0]
-    assert seq.features["item"][seq.target_index(users, "test")].tolist() == [UNK_ID, UNK_ID, known_2]
+    assert UNK_ID not in seq.features["item"][seq.target_index(users, "test")].tolist()
+    # shuffled, thinned or re-rated events leave the vocabularies (hence every model config) unchanged
+    rng = np.random.default_rng(0)
+    for keep in (rng.permutation(len(interactions)), np.flatnonzero(interactions.user != 2)):
+        other = Interactions(interactions.user[keep], interactions.item[keep], 5.0 - interactions.rating[keep] / 2,
+                             interactions.timestamp[keep])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            again = UserSequences.from_interactions(other, catalog)
+        assert {k: v.tokens for k, v in again.vocabs.items()} == {k: v.tokens for k, v in seq.vocabs.items()}
+        assert again.vocab_sizes == seq.vocab_sizes
+
+
+def test_events_of_items_missing_from_the_catalog_are_counted_as_unknown():
+    interactions, catalog = read_movielens(FIXTURES / "ml-csv")
+    small = Catalog({k: v for k, v in catalog.titles.items() if k != 7}, {k: v for k, v in catalog.genres.items()
+                                                                       if k != 7})
+    with pytest.warns(UserWarning, match="1 events name items missing from the catalog"):
+        seq = UserSequences.from_interactions(interactions, small)
+    assert seq.skipped["events of items missing from the catalog (kept as UNK)"] == 1
+    assert seq.features["item"][seq.raw_item == 7].tolist() == [UNK_ID]
 
 
 def test_batches_are_right_padded_and_truncate_to_recent_events():

@@ -34,7 +34,7 @@ USERS = 12
 TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
         "n-layers": 1, "n-heads": 2, "item-dim": 8, "num-rounds": 2, "batch-size": 4, "lr": 0.5, "dp-seed": 7,
         "eval-every": 1, "eval-fraction": 0.5, "llm-rounds": 2, "llm-fraction-train": 0.25, "llm-local-steps": 3,
-        "llm-batch-size": 4, "llm-lr": 0.01, "llm-eval-fraction": 0.25}
+        "llm-batch-size": 4, "llm-lr": 0.01, "llm-eval-fraction": 0.25, "phases": "pretrain,contextualize"}
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,24 @@ def test_opacus_per_sample_gradients_are_exact(cls):
     assert per_sample_mismatches(model, BATCH, loss_fn(model)) == []
 
 
+def test_opacus_per_sample_gradients_are_exact_with_public_item_features():
+    """The frozen feature table gets no gradient; the projection, the query head and the per-item bias do."""
+    torch.manual_seed(0)
+    config = tiny(ARUserEncoder).config
+    config.item_features, config.public_feature_dim = "public", 5
+    model = ARUserEncoder(config, torch.randn(config.vocab_sizes["item"], 5))
+    with torch.no_grad():
+        model.heads["item"].weight.normal_()  # zero at init: make the query (and its gradient paths) non-trivial
+    model.train()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"embed.item.proj.weight", "unembed.item.bias", "heads.item.weight"} <= names
+    assert not any("features" in n for n in names)
+    model.drop.p = 0.0
+    for block in model.transformer.blocks:
+        block.drop.p, block.attn.dropout = 0.0, 0.0
+    assert per_sample_mismatches(model, BATCH, loss_fn(model)) == []
+
+
 class RawMatmulHead(ARUserEncoder):
     """Broken tie: output logits use the table outside any hooked module."""
 

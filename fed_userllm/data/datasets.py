@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from fed_userllm.data.download import VARIANTS, cache_dir, fetch, file_digest
-from fed_userllm.data.movielens import Catalog, DataError, Interactions, read_movielens
-from fed_userllm.data.reviews import detect_reviews, read_reviews
+from fed_userllm.data.movielens import Catalog, DataError, Interactions, read_catalog, read_movielens
+from fed_userllm.data.reviews import detect_reviews, read_review_catalog, read_reviews
 from fed_userllm.data.sequences import UserSequences
 from fed_userllm.data.synthetic import synthetic_movielens
 from fed_userllm.data.vocab import Vocab
 
 DEFAULT_DATASET = "ml-latest-small"
-PREPARED_FORMAT = 1  # bump when the prepared layout or the protocol changes
+PREPARED_FORMAT = 2  # bump when the prepared layout or the protocol changes
 
 
 def embedded_dir() -> Path:
@@ -61,6 +61,15 @@ def load_interactions(dataset: str | os.PathLike | None = None) -> tuple[Interac
         return data.interactions, data.catalog
     source = resolve(dataset)
     return synthetic_movielens(**source) if isinstance(source, dict) else read_movielens(source)
+
+
+def load_catalog(dataset: str | os.PathLike | None = None) -> Catalog:
+    """The public item catalog of a dataset, without reading anybody's events (a synthetic dataset is
+    generated whole: it holds no private data)."""
+    if _is_review_folder(dataset):
+        return read_review_catalog(dataset)
+    source = resolve(dataset)
+    return synthetic_movielens(**source)[1] if isinstance(source, dict) else read_catalog(source)
 
 
 def load_sequences(dataset: str | os.PathLike | None = None, max_len: int = 50, min_events: int = 3,
@@ -108,7 +117,7 @@ def describe(dataset: str | os.PathLike | None = None, max_len: int = 50) -> dic
         "known_items": len(catalog),
         "rated_items": int(len(np.unique(interactions.item))),
         "users_kept": seq.num_users,
-        "train_item_vocab": len(seq.vocabs["item"]),
+        "item_vocab": len(seq.vocabs["item"]),
         "skipped": seq.skipped or {},
         "sequence_length_percentiles": {f"p{p}": float(np.percentile(lengths, p))
                                         for p in (0, 10, 25, 50, 75, 90, 100)},

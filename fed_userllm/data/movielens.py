@@ -61,6 +61,11 @@ class Catalog:
     def title(self, item: int) -> str:
         return self.titles.get(int(item), f"movie {int(item)}")
 
+    @property
+    def items(self) -> np.ndarray:
+        """Every item id the catalog knows (with a title, genres or both), sorted."""
+        return np.array(sorted(self.titles.keys() | self.genres.keys()), dtype=np.int64)
+
 
 def detect_format(directory: Path) -> str:
     """Return ``csv``, ``dat`` or ``100k`` from the files present, or raise a DataError saying what is missing."""
@@ -86,12 +91,21 @@ def read_movielens(directory: str | Path) -> tuple[Interactions, Catalog]:
     directory = Path(directory)
     fmt = detect_format(directory)
     if fmt == "csv":
-        return (_read_ratings(directory / "ratings.csv", sep=",", header=True),
-                _read_movies_csv(directory / "movies.csv"))
+        return _read_ratings(directory / "ratings.csv", sep=",", header=True), read_catalog(directory)
     if fmt == "dat":
-        return (_read_ratings(directory / "ratings.dat", sep="::", header=False),
-                _read_movies_dat(directory / "movies.dat"))
-    return _read_ratings(directory / "u.data", sep="\t", header=False), _read_u_item(directory / "u.item")
+        return _read_ratings(directory / "ratings.dat", sep="::", header=False), read_catalog(directory)
+    return _read_ratings(directory / "u.data", sep="\t", header=False), read_catalog(directory)
+
+
+def read_catalog(directory: str | Path) -> Catalog:
+    """Only the public movie catalog of a MovieLens release (titles and genres), not its ratings."""
+    directory = Path(directory)
+    fmt = detect_format(directory)
+    if fmt == "csv":
+        return _read_movies_csv(directory / "movies.csv")
+    if fmt == "dat":
+        return _read_movies_dat(directory / "movies.dat")
+    return _read_u_item(directory / "u.item")
 
 
 def _read_text(path: Path, encodings: tuple[str, ...] = ("utf-8",)) -> str:

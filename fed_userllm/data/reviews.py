@@ -232,6 +232,16 @@ def read_reviews(directory: str | Path) -> ReviewData:
     return (read_amazon if fmt == "amazon" else read_google_local)(reviews, meta)
 
 
+def read_review_catalog(directory: str | Path) -> Catalog:
+    """Only the public item catalog (the metadata file) of the review dataset in ``directory``."""
+    found = detect_reviews(directory)
+    if found is None:
+        raise DataError(f"{directory}: no review dataset found")
+    fmt, _, meta = found
+    fields = ("asin", "title", _amazon_genres) if fmt == "amazon" else ("gmap_id", "name", _google_genres)
+    return _read_meta(meta, *fields)[1]
+
+
 def review_sequences(data: ReviewData, max_len: int = 50, min_events: int = 3) -> UserSequences:
     """The paper's sequence protocol on a review dataset (same rules as MovieLens)."""
     return UserSequences.from_interactions(data.interactions, data.catalog, max_len=max_len,

@@ -3,7 +3,11 @@
 Protocol (User-LLM §4): each user's events are sorted by timestamp with a *stable* sort (ties keep the
 source-file order); the last event is the user's **test** target, the one before it the **validation**
 target; training uses windows of up to ``max_len + 1`` events drawn only from the events before those two,
-so neither target ever appears in training. Vocabularies are built from training events only.
+so neither target ever appears in training.
+
+Vocabularies come from the public item catalog (every catalog item and genre gets an id whether or not anyone
+rated it) and the fixed rating buckets, never from the private events: their sizes are written into every
+model config, so a vocabulary built from ratings would publish which items somebody rated.
 
 Storage is CSR-like (one flat array per feature plus per-user offsets), so a federated client that owns a
 few users is just a list of user indices: no per-client copies of the data.
@@ -71,13 +75,11 @@ class UserSequences:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         raw_item = interactions.item[order]
         genre_names = np.array([(catalog.genres.get(int(i)) or ("",))[0] for i in raw_item.tolist()], dtype=object)
-        train = _train_event_mask(offsets)
-        known_genre = genre_names != ""
-        vocabs = {
-            "item": Vocab.build(raw_item[train]),
-            "genre": Vocab.build(genre_names[train & known_genre]),
-            "rating": Vocab(list(RATING_BUCKETS)),
-        }
+        vocabs = public_vocabularies(catalog)
+        unknown = int((~np.isin(raw_item, vocabs["item"].tokens)).sum())
+        if unknown:
+            skipped["events of items missing from the catalog (kept as UNK)"] = unknown
+            warnings.warn(f"{unknown} events name items missing from the catalog: they are kept as UNK", stacklevel=2)
         features = {
             "item": vocabs["item"].encode(raw_item),
             "genre": vocabs["genre"].encode(genre_names),
@@ -181,12 +183,12 @@ class UserSequences:
         return users
 
 
-def _train_event_mask(offsets: np.ndarray) -> np.ndarray:
-    """True for events that are neither a user's validation nor test target."""
-    mask = np.ones(int(offsets[-1]), dtype=bool)
-    mask[offsets[1:] - 1] = False
-    mask[offsets[1:] - 2] = False
-    return mask
+def public_vocabularies(catalog: Catalog) -> dict[str, Vocab]:
+    """Item, genre and rating vocabularies from public facts only: the catalog's items and genres (all of them,
+    sorted, so ids depend on nothing but the catalog) and the fixed rating buckets."""
+    return {"item": Vocab(catalog.items.tolist()),
+            "genre": Vocab(sorted({g for genres in catalog.genres.values() for g in genres})),
+            "rating": Vocab(list(RATING_BUCKETS))}
 
 
 def item_genre_ids(seq: UserSequences) -> np.ndarray:

@@ -5,14 +5,37 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
 from fed_userllm.models.bert4rec import BERT4Rec, BERT4RecConfig
 from fed_userllm.models.dual_encoder import DualEncoder, DualEncoderConfig
+from fed_userllm.models.layers import with_item_dim
 from fed_userllm.models.popularity import Popularity, PopularityConfig
 
 MODELS = {cls.model_type: cls for cls in (ARUserEncoder, DualEncoder, BERT4Rec, Popularity)}
+ENCODERS = {"ar": (ARUserEncoder, ARUserEncoderConfig), "dual": (DualEncoder, DualEncoderConfig),
+            "bert4rec": (BERT4Rec, BERT4RecConfig)}
+
+
+def build_encoder(name: str, vocab_sizes: dict[str, int], max_len: int, d_model: int, n_layers: int, n_heads: int,
+                  dropout: float, item_dim: int, item_features: np.ndarray | None = None) -> torch.nn.Module:
+    """A fresh encoder ``name`` (ar | dual | bert4rec) for windows of ``max_len`` events (plus the target).
+
+    ``item_features`` [vocab, dim], the public item table (`fed_userllm.data.item_features`), makes the
+    encoder read and score items through it (``item_features="public"``) instead of a learned table.
+    """
+    if name not in ENCODERS:
+        raise ValueError(f"model={name!r}: expected one of {sorted(ENCODERS)}")
+    model_class, config_class = ENCODERS[name]
+    public = {} if item_features is None else {"item_features": "public",
+                                                "public_feature_dim": int(item_features.shape[1])}
+    config = with_item_dim(config_class(vocab_sizes=vocab_sizes, max_len=max_len + 1, d_model=d_model,
+                                        n_layers=n_layers, n_heads=n_heads, dropout=dropout, **public), item_dim)
+    if item_features is None:
+        return model_class(config)
+    return model_class(config, torch.from_numpy(np.asarray(item_features, dtype=np.float32)))
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -25,6 +48,6 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tor
 
 
 __all__ = [
-    "MODELS", "ARUserEncoder", "ARUserEncoderConfig", "BERT4Rec", "BERT4RecConfig", "DualEncoder",
-    "DualEncoderConfig", "Popularity", "PopularityConfig", "load_pretrained",
+    "ENCODERS", "MODELS", "ARUserEncoder", "ARUserEncoderConfig", "BERT4Rec", "BERT4RecConfig", "DualEncoder",
+    "DualEncoderConfig", "Popularity", "PopularityConfig", "build_encoder", "load_pretrained",
 ]

@@ -2,7 +2,8 @@
 
 Each event's feature embeddings are concatenated and projected to ``d_model``; a causal Transformer turns
 the sequence into one user embedding per event. Per-feature heads predict the next event's features with
-softmaxes whose weights are tied to the input embedding tables.
+softmaxes whose weights are tied to the input embedding tables. With ``item_features="public"`` items are read
+and scored through frozen public catalog features instead of a learned table (`models.public_items`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fed_userllm.data.vocab import NUM_RESERVED
@@ -26,6 +28,7 @@ from fed_userllm.models.layers import (
     row_mean_nll,
     tied_output,
 )
+from fed_userllm.models.public_items import public_items
 
 
 @dataclass
@@ -42,30 +45,58 @@ class ARUserEncoderConfig(EncoderConfig):
 
 
 class ARUserEncoder(Pretrained, nn.Module):
-    """Causal Transformer over fused event features; ``encode`` gives [B, T, d_model] user embeddings."""
+    """Causal Transformer over fused event features; ``encode`` gives [B, T, state_dim] user embeddings."""
 
     config_class = ARUserEncoderConfig
     model_type = "ar_encoder"
 
-    def __init__(self, config: ARUserEncoderConfig):
+    def __init__(self, config: ARUserEncoderConfig, item_features: torch.Tensor | None = None):
+        """``item_features`` [vocab, public_feature_dim]: the public table when ``item_features="public"``
+        (zeros when omitted, e.g. before ``from_pretrained`` loads the saved one)."""
         super().__init__()
         self.config = config
         c = config
-        self.embed = nn.ModuleDict({f: nn.Embedding(c.vocab_sizes[f], c.feature_dims[f]) for f in c.features})
+        public = c.item_features == "public"
+        learned = [f for f in c.features if not (public and f == "item")]
+        self.embed = nn.ModuleDict({f: nn.Embedding(c.vocab_sizes[f], c.feature_dims[f]) for f in learned})
         self.fuse = nn.Linear(sum(c.feature_dims.values()), c.d_model)
         self.pos = nn.Embedding(c.max_len, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.transformer = Transformer(c.d_model, c.n_layers, c.n_heads, c.dropout)
-        self.heads = nn.ModuleDict({f: nn.Linear(c.d_model, c.feature_dims[f]) for f in c.features})
+        self.heads = nn.ModuleDict({f: nn.Linear(self.state_dim, c.public_feature_dim if public and f == "item"
+                                                 else c.feature_dims[f]) for f in c.features})
+        self.unembed = nn.ModuleDict()
+        if public:
+            if item_features is None:
+                item_features = torch.zeros(c.vocab_sizes["item"], c.public_feature_dim)
+            if tuple(item_features.shape) != (c.vocab_sizes["item"], c.public_feature_dim):
+                raise ValueError(f"item_features has shape {tuple(item_features.shape)}: expected "
+                                 f"{(c.vocab_sizes['item'], c.public_feature_dim)} (vocab, public_feature_dim)")
+            self.embed["item"], self.unembed["item"] = public_items(item_features, c.feature_dims["item"])
         self.apply(init_weights)
-        self.unembed = nn.ModuleDict({f: tied_output(self.embed[f]) for f in c.features})
+        if public:  # the query starts as `content_prior` x the current item's features: "more like this one"
+            with torch.no_grad():
+                self.heads["item"].weight.zero_()
+                self.heads["item"].weight[:, c.d_model:] = c.content_prior * torch.eye(c.public_feature_dim)
+        self.unembed.update({f: tied_output(self.embed[f]) for f in learned})
+
+    @property
+    def state_dim(self) -> int:
+        """Width of the per-event states: d_model, plus the public item features (their skip path) if used."""
+        return self.config.d_model + self.config.public_feature_dim
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-event user embeddings [B, T, d_model]; position t depends on events <= t only."""
+        """Per-event user states [B, T, state_dim]; position t depends on events <= t only.
+
+        With public item features the state ends with the event's own public features: a skip path that lets
+        the next-item query say "items like this one" without learning it through the Transformer."""
         B, T = check_batch(batch, self.config.features, self.config.max_len)
         x = torch.cat([self.embed[f](batch[f]) for f in self.config.features], dim=-1)
         x = self.drop(self.fuse(x) + self.pos(position_ids(B, T, x.device)))
-        return self.transformer(x, attention_mask(batch["mask"], causal=True))
+        h = self.transformer(x, attention_mask(batch["mask"], causal=True))
+        if self.config.item_features == "public":
+            h = torch.cat([h, F.embedding(batch["item"], self.embed["item"].features)], dim=-1)
+        return h
 
     forward = encode
 
@@ -96,7 +127,7 @@ class ARUserEncoder(Pretrained, nn.Module):
 
     @property
     def next_item_dim(self) -> int:
-        return self.config.feature_dims["item"]
+        return self.heads["item"].out_features
 
     def next_item_vectors(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, 1, next_item_dim] from ``encode`` output h: what the item head scores every item embedding

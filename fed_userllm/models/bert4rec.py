@@ -36,6 +36,9 @@ class BERT4RecConfig(EncoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.item_features != "learned":
+            raise ValueError(f"item_features={self.item_features!r}: public item features are implemented for the "
+                             "AR encoder (model='ar') only")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob={self.mask_prob}: expected 0 < mask_prob < 1")
 
@@ -58,6 +61,11 @@ class BERT4Rec(Pretrained, nn.Module):
         self.head = nn.Linear(c.d_model, c.feature_dims["item"])
         self.apply(init_weights)
         self.unembed = tied_output(self.embed["item"])
+
+    @property
+    def state_dim(self) -> int:
+        """Width of the user states ``encode`` returns."""
+        return self.config.d_model
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         B, T = check_batch(batch, self.config.features, self.config.max_len)

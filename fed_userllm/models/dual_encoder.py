@@ -43,6 +43,9 @@ class DualEncoderConfig(EncoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.item_features != "learned":
+            raise ValueError(f"item_features={self.item_features!r}: public item features are implemented for the "
+                             "AR encoder (model='ar') only")
         if self.label_weights is None:
             self.label_weights = {"item": 1.0, **({"genre": 0.5} if "genre" in self.features else {})}
         self.label_weights = {f: float(w) for f, w in self.label_weights.items()}
@@ -86,6 +89,11 @@ class DualEncoder(Pretrained, nn.Module):
         h = self.transformer(self.drop(x), mask)  # [B, F, T, d]
         u = self.fusion(h.transpose(1, 2).flatten(2))  # [B, T, k * d]
         return u.unflatten(-1, (self.config.num_user_embeddings, self.config.d_model))
+
+    @property
+    def state_dim(self) -> int:
+        """Width of the user states ``encode`` returns."""
+        return self.config.d_model
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """User embeddings [B, k, d_model] summarising each row's whole history."""

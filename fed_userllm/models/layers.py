@@ -20,6 +20,7 @@ from torch import nn
 from fed_userllm.data.vocab import NUM_RESERVED
 
 DEFAULT_FEATURE_DIMS = {"item": 64, "genre": 16, "rating": 8}
+ITEM_FEATURES = ("learned", "public")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class EncoderConfig:
     n_heads: int = 2
     max_len: int = 51
     dropout: float = 0.1
+    item_features: str = "learned"  # learned: a per-item table | public: frozen catalog features + a projection
+    public_feature_dim: int = 0  # width of the public item features (item_features="public")
+    content_prior: float = 4.0  # public: initial weight of the current item's features in the next-item query
 
     def __post_init__(self) -> None:
         self.features = tuple(self.features)
@@ -61,6 +65,11 @@ class EncoderConfig:
             raise ValueError(f"n_layers={self.n_layers}, max_len={self.max_len}: expected both >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: expected 0 <= dropout < 1")
+        if self.item_features not in ITEM_FEATURES:
+            raise ValueError(f"item_features={self.item_features!r}: expected one of {ITEM_FEATURES}")
+        if (self.item_features == "public") != (self.public_feature_dim > 0):
+            raise ValueError(f"public_feature_dim={self.public_feature_dim} with item_features="
+                             f"{self.item_features!r}: expected > 0 exactly when item_features='public'")
 
 
 def with_item_dim(config: EncoderConfig, item_dim: int) -> EncoderConfig:

@@ -1,6 +1,8 @@
 """Most-popular baseline: every user gets the training-set item counts as scores.
 
-The floor any sequence model must beat; counts are additive, so federated clients can sum theirs.
+The floor any sequence model must beat; counts are additive, so federated clients can sum theirs. In the
+federated app's ``popularity`` phase the counts are a differentially private release (how many users rated
+each item, each user contributing a unit-norm vector) that becomes the AR encoder's item prior.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class PopularityConfig:
 
 
 class Popularity(Pretrained, nn.Module):
-    """Scores [B, V] = how often each item occurred in the training events given to ``fit``."""
+    """Scores [B, V] = how often each item occurred in the training events given to ``fit`` (or a release)."""
 
     config_class = PopularityConfig
     model_type = "popularity"
@@ -33,7 +35,7 @@ class Popularity(Pretrained, nn.Module):
     def __init__(self, config: PopularityConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("counts", torch.zeros(config.vocab_sizes["item"]))
+        self.counts = nn.Parameter(torch.zeros(config.vocab_sizes["item"]), requires_grad=False)
 
     def fit(self, item_ids: torch.Tensor) -> Popularity:
         """Count real item ids (any shape; PAD/UNK/MASK are ignored, so padded batches are fine)."""
@@ -41,8 +43,15 @@ class Popularity(Pretrained, nn.Module):
         ids = item_ids.flatten().to(self.counts.device)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise ValueError(f"item ids span {int(ids.min())}..{int(ids.max())}: expected 0..{V - 1}")
-        self.counts = torch.bincount(ids[ids >= NUM_RESERVED], minlength=V).to(self.counts.dtype)
+        with torch.no_grad():
+            self.counts.copy_(torch.bincount(ids[ids >= NUM_RESERVED], minlength=V))
         return self
+
+    def log_prior(self, floor: float) -> torch.Tensor:
+        """log(max(counts, floor)) [V]: an item bias. ``floor`` keeps rare items (noise, under DP) comparable."""
+        if not floor > 0:
+            raise ValueError(f"floor={floor}: expected > 0")
+        return self.counts.detach().clamp(min=floor).log()
 
     def score_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The counts for every row of the batch (a copy, so callers may edit it in place)."""

@@ -164,7 +164,7 @@ def _llm_signature(llm: PreTrainedModel) -> dict:
 class UserLLM(nn.Module):
     """HF causal LM + user encoder + projection. Takes ownership of ``llm`` (freezes it, may inject LoRA).
 
-    ``encoder`` is any module with ``encode(batch) -> [B, T, d]`` and ``config.d_model``; the user batch
+    ``encoder`` is any module with ``encode(batch) -> [B, T, d]`` and ``state_dim`` (d); the user batch
     follows the project's batch contract (``batch["mask"]`` marks real events). Without ``llm`` the base
     LLM is loaded from ``config.llm`` onto ``device``; the new modules follow the LLM's device.
     Cross-attention reads the user tokens only during ``forward``/``generate``, so activation checkpointing
@@ -187,7 +187,7 @@ class UserLLM(nn.Module):
         if config.user_tokens == "next_item" and getattr(encoder, "next_item_dim", None) is None:
             raise ValueError(f"user_tokens='next_item': {type(encoder).__name__} has no next_item_vectors "
                              "(the AR and dual encoders do)")
-        d_user = encoder.next_item_dim if config.user_tokens == "next_item" else encoder.config.d_model
+        d_user = encoder.next_item_dim if config.user_tokens == "next_item" else encoder.state_dim
         self.projection = Projection(
             d_user, d_out, config.perceiver, config.num_latents, config.perceiver_depth,
             config.n_xattn_heads,
@@ -223,13 +223,17 @@ class UserLLM(nn.Module):
         """User batch -> (user tokens [B, N, d_out], mask [B, N] True at real tokens)."""
         states = self.encoder.encode(batch_user)
         mask = batch_user["mask"]
-        if self.config.user_tokens == "next_item":  # layer-normed: item-head outputs have no fixed scale
-            vectors = self.encoder.next_item_vectors(states, mask)
-            vectors = F.layer_norm(vectors, vectors.shape[-1:])
-            return self.projection(vectors, torch.ones(vectors.shape[:2], dtype=torch.bool, device=vectors.device))
+        if self.config.user_tokens == "next_item":
+            return self.next_item_tokens(self.encoder.next_item_vectors(states, mask))
         if mask.shape != states.shape[:2]:  # encoders emitting k summary tokens (dual encoder): all real
             mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         return self.projection(states, mask)
+
+    def next_item_tokens(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """User tokens (and their all-real mask) from next-item vectors [B, k, next_item_dim], layer-normed:
+        item-head outputs have no fixed scale. Public item features go in here too (catalog alignment)."""
+        vectors = F.layer_norm(vectors, vectors.shape[-1:])
+        return self.projection(vectors, torch.ones(vectors.shape[:2], dtype=torch.bool, device=vectors.device))
 
     @contextmanager
     def base_llm(self) -> Iterator[PreTrainedModel]:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fed_userllm.eval.ranking import ranking_sums
 from fed_userllm.models.constrained import TitleTrie
 from fed_userllm.models.userllm import UserLLM, decoder_layers
-from fed_userllm.tasks.tasks import NextItem, prompt_cache
+from fed_userllm.tasks.tasks import NextItem, list_ranks, prompt_cache
 
 
 def branching_nodes(trie: TitleTrie) -> dict[tuple[int, ...], list[int]]:
@@ -148,13 +149,16 @@ class CatalogScorer:
 
     def log_probs(self, batch_user: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
         """log P(title of ``items[b]`` | catalog) under the model for user row b: [B], differentiable."""
+        return self.log_probs_given(*self.model.encode_user(batch_user), items)
+
+    def log_probs_given(self, tokens: torch.Tensor, mask: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """log P(title of ``items[b]`` | catalog) given row b's user tokens [B, N, d] and their mask [B, N]."""
         device = self.states.device
         items = items.to(device)
         if bool((items < 0).any() or (items >= len(self.known)).any()) or not bool(self.known[items].all()):
             raise ValueError(f"items {items.tolist()[:8]}...: expected item ids of the title trie")
         rows, depth = self.path_mask.to(device)[items].nonzero(as_tuple=True)
         node = self.path_node.to(device)[items[rows], depth]
-        tokens, mask = self.model.encode_user(batch_user)
         block = self.model.xattn[0]
         h = block(self.states[node][:, None], tokens[rows], mask[rows])[:, 0]
         h = self.norm(h.to(self.states.dtype)).float()
@@ -164,6 +168,18 @@ class CatalogScorer:
         allowed = allowed.masked_fill(~self.allowed_mask.to(device)[node], float("-inf")).log_softmax(-1)
         chosen = allowed.gather(1, self.path_choice.to(device)[items[rows], depth][:, None])[:, 0]
         return torch.zeros(len(items), device=device).index_add(0, rows, chosen)
+
+    @torch.no_grad()
+    def evaluate(self, task: NextItem, spans, history_len: int, batch_size: int = 32) -> dict[str, float]:
+        """Summed Recall@1/5/10, NDCG@10 and ``n`` of ``spans`` by exact ranking over every title."""
+        sums: dict[str, float] = {}
+        for lo in range(0, len(spans), batch_size):
+            chunk = spans[lo:lo + batch_size]
+            user = {k: v.to(self.states.device)
+                    for k, v in task.seq.gather(chunk[:, 0], chunk[:, 1], history_len).items()}
+            part = ranking_sums(list_ranks(self.rank(user, 10), task.target_titles(chunk)))
+            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        return sums
 
     @torch.no_grad()
     def rank(self, batch_user: dict[str, torch.Tensor], k: int) -> torch.Tensor:

@@ -23,24 +23,13 @@ import torch
 from tqdm import tqdm
 
 from fed_userllm.data import UserSequences, load_sequences
+from fed_userllm.data.item_features import ItemFeatureSpec, public_item_features
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
-from fed_userllm.models import (
-    ARUserEncoder,
-    ARUserEncoderConfig,
-    BERT4Rec,
-    BERT4RecConfig,
-    DualEncoder,
-    DualEncoderConfig,
-    Popularity,
-    PopularityConfig,
-    load_pretrained,
-)
-from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS, with_item_dim
+from fed_userllm.models import ENCODERS, Popularity, PopularityConfig, build_encoder, load_pretrained
+from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS, ITEM_FEATURES
 from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device, seed_everything
 
-ENCODERS = {"ar": (ARUserEncoder, ARUserEncoderConfig), "dual": (DualEncoder, DualEncoderConfig),
-            "bert4rec": (BERT4Rec, BERT4RecConfig)}
 MODEL_NAMES = (*ENCODERS, "popularity")
 
 
@@ -55,6 +44,8 @@ class PretrainConfig:
     n_layers: int = 2
     n_heads: int = 2
     item_dim: int = DEFAULT_FEATURE_DIMS["item"]  # item embedding width (tied with the output layer)
+    item_features: str = "learned"  # learned: a per-item table | public: frozen catalog features (AR only)
+    item_features_llm: str = "smollm2"  # public features: the LLM whose title representation is used ("": none)
     dropout: float = 0.2
     epochs: int = 20
     batch_size: int = 64
@@ -71,6 +62,8 @@ class PretrainConfig:
         for name in ("max_len", "epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if self.item_features not in ITEM_FEATURES:
+            raise ValueError(f"item_features={self.item_features!r}: expected one of {ITEM_FEATURES}")
         if self.lr <= 0 or not 0 <= self.warmup_frac < 1:
             raise ValueError(f"lr={self.lr}, warmup_frac={self.warmup_frac}: expected lr > 0, 0 <= warmup_frac < 1")
 
@@ -87,10 +80,11 @@ def build_model(config: PretrainConfig, seq: UserSequences) -> torch.nn.Module:
     """A fresh model of ``config.model`` sized for the dataset's vocabularies and window length."""
     if config.model == "popularity":
         return Popularity(PopularityConfig(vocab_sizes=seq.vocab_sizes))
-    model_class, config_class = ENCODERS[config.model]
-    return model_class(with_item_dim(config_class(vocab_sizes=seq.vocab_sizes, max_len=seq.max_len + 1,
-                                                  d_model=config.d_model, n_layers=config.n_layers,
-                                                  n_heads=config.n_heads, dropout=config.dropout), config.item_dim))
+    features = None
+    if config.item_features == "public":
+        features = public_item_features(seq.catalog, seq.vocabs["item"], ItemFeatureSpec(llm=config.item_features_llm))
+    return build_encoder(config.model, seq.vocab_sizes, seq.max_len, config.d_model, config.n_layers,
+                         config.n_heads, config.dropout, config.item_dim, features)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float):
