@@ -41,9 +41,8 @@ from fed_userllm.models.userllm import UserLLM, UserLLMConfig  # noqa: E402
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
 from fed_userllm.tasks import FavGenre, NextItem, Task, list_ranks  # noqa: E402
 from fed_userllm.tasks.catalog import CatalogScorer  # noqa: E402
-from fed_userllm.train.centralized import PretrainConfig, pretrain  # noqa: E402
+from fed_userllm.train.centralized import pretrain  # noqa: E402
 from fed_userllm.train.contextualize import (  # noqa: E402
-    ContextualizeConfig,
     contextualize,
     eval_user_subset,
     evaluate_model,
@@ -53,6 +52,8 @@ from fed_userllm.train.contextualize import (  # noqa: E402
     task_loss,
     trainable_parameters,
 )
+from fed_userllm.train.contextualize_config import ContextualizeConfig  # noqa: E402
+from fed_userllm.train.pretrain_config import PretrainConfig  # noqa: E402
 
 VARIANTS = {  # name -> ContextualizeConfig fields (User-LLM variants use the Enc strategy: LLM frozen)
     "userllm-xattn-perceiver": dict(integration="xattn", perceiver=True),

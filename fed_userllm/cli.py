@@ -42,7 +42,8 @@ def _data_prepare(args: argparse.Namespace) -> None:
 
 def _pretrain(args: argparse.Namespace) -> None:
     from fed_userllm.runtime import set_threads
-    from fed_userllm.train.centralized import PretrainConfig, pretrain
+    from fed_userllm.train.centralized import pretrain
+    from fed_userllm.train.pretrain_config import PretrainConfig
 
     set_threads(args.threads)
     settings = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
@@ -76,7 +77,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _contextualize(args: argparse.Namespace) -> None:
     from fed_userllm.runtime import set_threads
-    from fed_userllm.train.contextualize import ContextualizeConfig, contextualize
+    from fed_userllm.train.contextualize import contextualize
+    from fed_userllm.train.contextualize_config import ContextualizeConfig
 
     set_threads(args.threads)
     settings = {k: v for k, v in vars(args).items() if k in ContextualizeConfig.__dataclass_fields__}
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", default=None, help="output folder (default: the user cache)")
     prep.set_defaults(func=_data_prepare)
 
-    from fed_userllm.train.centralized import MODEL_NAMES, PretrainConfig
+    from fed_userllm.train.pretrain_config import MODEL_NAMES, PretrainConfig
 
     defaults = PretrainConfig()
     pre = commands.add_parser("pretrain", help="train a user encoder (or baseline) centrally",
@@ -223,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--head", default=None, help="expected ledger head hash, kept outside the run directory")
     au.set_defaults(func=_audit)
 
-    from fed_userllm.train.contextualize import ContextualizeConfig
+    from fed_userllm.train.contextualize_config import ContextualizeConfig
 
     ctx = commands.add_parser("contextualize", help="train User-LLM (frozen LLM + encoder + projection) on a task",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)

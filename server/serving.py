@@ -50,7 +50,8 @@ from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import CONFIG_NAME, ENCODER_DIR, UserLLM
 from fed_userllm.runtime import resolve_device
 from fed_userllm.tasks.prompts import INSTRUCTIONS, QUESTIONS, format_prompt
-from fed_userllm.train.contextualize import ContextualizeConfig, load_task
+from fed_userllm.train.contextualize import load_task
+from fed_userllm.train.contextualize_config import ContextualizeConfig
 
 from .batching import DynamicBatcher, Overloaded
 

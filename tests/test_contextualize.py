@@ -12,9 +12,8 @@ import fed_userllm.train.contextualize as ctx
 from fed_userllm.data.reviews import read_reviews, review_sequences
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
 from fed_userllm.models.userllm import UserLLM
-from fed_userllm.train.centralized import PretrainConfig, pretrain
+from fed_userllm.train.centralized import pretrain
 from fed_userllm.train.contextualize import (
-    ContextualizeConfig,
     Examples,
     _check_run_dir,
     contextualize,
@@ -25,6 +24,8 @@ from fed_userllm.train.contextualize import (
     prepare,
     trainable_state,
 )
+from fed_userllm.train.contextualize_config import ContextualizeConfig
+from fed_userllm.train.pretrain_config import PretrainConfig
 
 DATA = "synthetic:users=40,items=30,seed=1"
 

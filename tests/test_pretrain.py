@@ -8,7 +8,8 @@ import torch
 import fed_userllm.train.centralized as centralized
 from fed_userllm.cli import main
 from fed_userllm.models import load_pretrained
-from fed_userllm.train.centralized import PretrainConfig, evaluate_run, pretrain
+from fed_userllm.train.centralized import evaluate_run, pretrain
+from fed_userllm.train.pretrain_config import PretrainConfig
 
 DATA = "synthetic:users=120,items=80,genres=4,events=20,seed=2"
 

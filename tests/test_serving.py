@@ -32,7 +32,8 @@ from fed_userllm.server.serving import (
 )
 from fed_userllm.tasks import rank
 from fed_userllm.tasks.prompts import INSTRUCTIONS, QUESTIONS
-from fed_userllm.train.contextualize import ContextualizeConfig, load_model
+from fed_userllm.train.contextualize import load_model
+from fed_userllm.train.contextualize_config import ContextualizeConfig
 
 KEY = "s3cret-token"
 DATASET = "synthetic:users=12,items=20,genres=4,events=10"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -36,51 +36,12 @@ from fed_userllm.models import (
     PopularityConfig,
     load_pretrained,
 )
-from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS, with_item_dim
+from fed_userllm.models.layers import with_item_dim
 from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device, seed_everything
+from fed_userllm.train.pretrain_config import PretrainConfig
 
 ENCODERS = {"ar": (ARUserEncoder, ARUserEncoderConfig), "dual": (DualEncoder, DualEncoderConfig),
-            "bert4rec": (BERT4Rec, BERT4RecConfig)}
-MODEL_NAMES = (*ENCODERS, "popularity")
-
-
-@dataclass
-class PretrainConfig:
-    """Everything a centralized pretraining run depends on (saved as the run's config.json)."""
-
-    dataset: str = "ml-latest-small"
-    model: str = "ar"
-    max_len: int = 50
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    item_dim: int = DEFAULT_FEATURE_DIMS["item"]  # item embedding width (tied with the output layer)
-    dropout: float = 0.2
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 5e-3
-    weight_decay: float = 1e-3
-    warmup_frac: float = 0.05
-    patience: int = 5
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"model={self.model!r}: expected one of {', '.join(MODEL_NAMES)}")
-        for name in ("max_len", "epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
-        if self.lr <= 0 or not 0 <= self.warmup_frac < 1:
-            raise ValueError(f"lr={self.lr}, warmup_frac={self.warmup_frac}: expected lr > 0, 0 <= warmup_frac < 1")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PretrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown pretraining settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
+            "bert4rec": (BERT4Rec, BERT4RecConfig)}  # keys: pretrain_config.ENCODER_NAMES
 
 
 def build_model(config: PretrainConfig, seq: UserSequences) -> torch.nn.Module:
