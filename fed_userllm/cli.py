@@ -119,11 +119,13 @@ def _embed(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     from fed_userllm.runtime import set_threads
-    from fed_userllm.server.serving import serve
+    from fed_userllm.serving.config import ServingConfig
+    from fed_userllm.serving.server import serve
 
     set_threads(args.threads)
-    serve(args.model, args.host, args.port, args.api_key, args.device, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms, max_new_tokens=args.max_new_tokens)
+    config = ServingConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                           max_new_tokens=args.max_new_tokens)
+    serve(args.model, config, args.host, args.port, args.api_key, args.device)
 
 
 def _deploy(args: argparse.Namespace) -> int:
