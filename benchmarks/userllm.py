@@ -190,7 +190,7 @@ def evaluate_variant(task_name: str, name: str, base, args) -> dict:
     run_settings = dataclasses.replace(config, eval_users=0)  # evaluated below, on the test split only
     results = contextualize(run_settings, out / name, resume=True, progress=False, base=base)
     model, task = prepare(run_settings, base)  # the trained model, rebuilt from the run's final checkpoint
-    state = torch.load(out / name / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / name / "checkpoint.pt", map_location="cpu", weights_only=True)
     load_trainable_state(model, state["trainable"])
     del state
     metrics, seconds = cached_eval(model, task, config, out / name / f"test-eval-{args.eval_users}.json")

@@ -60,8 +60,8 @@ def test_resume_after_a_crash_gives_the_same_model(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="same settings"):
         pretrain(tiny(lr=1e-2), tmp_path / "crashed", resume=True, progress=False)
     pretrain(tiny(), tmp_path / "crashed", resume=True, progress=False)
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]  # no epoch recorded twice

@@ -101,7 +101,7 @@ def pretrain(config: PretrainConfig, run_dir: str | Path, resume: bool = False,
         optimizer, warmup_cosine(steps_per_epoch * config.epochs, config.warmup_frac))
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
     if resume and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

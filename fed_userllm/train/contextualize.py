@@ -351,7 +351,7 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
     step, seconds = 0, 0.0
     checkpoint = run_dir / "checkpoint.pt"
     if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=False)
+        state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=True)
         load_trainable_state(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
