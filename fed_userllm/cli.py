@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 
 import fed_userllm
+from fed_userllm.extras import MissingExtra, require
 from fed_userllm.serving.config import ServingConfig
 from fed_userllm.settings import choices_of, help_of
 from fed_userllm.train.contextualize_config import ContextualizeConfig
@@ -109,6 +110,7 @@ def _evaluate_llm(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    require("export")
     from fed_userllm.export.build import ParityError, export_encoder
 
     try:
@@ -122,6 +124,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
+    require("export")
     from fed_userllm.export.device import embed
 
     result = embed(args.artifact, args.history, out=args.out)
@@ -132,6 +135,7 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    require("serve")
     from fed_userllm.runtime import set_threads
     from fed_userllm.serving.server import serve
 
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with console(args.verbose):
             return args.func(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # incl. DataError, a ValueError
+    except (ValueError, FileNotFoundError, FileExistsError, MissingExtra) as err:  # incl. DataError, a ValueError
         print(f"error: {flag_names(str(err), args.command_parser)}", file=sys.stderr)
         return 2
 

@@ -27,9 +27,8 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.sse import EventSourceResponse
 
 from fed_userllm.serving.batching import DynamicBatcher, Overloaded
 from fed_userllm.serving.config import ServingConfig
@@ -162,13 +161,13 @@ def create_app(served: ServedModel, config: ServingConfig | None = None, api_key
         )
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS, dependencies=auth)
-    async def chat_completions(req: ChatCompletionRequest) -> ChatCompletion | EventSourceResponse:
+    async def chat_completions(req: ChatCompletionRequest) -> ChatCompletion | StreamingResponse:
         jobs = chat_jobs(req, served, config)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return EventSourceResponse(_stream(jobs, completion_id, created, include_usage),
-                                       headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(_stream(jobs, completion_id, created, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await asyncio.gather(*(answer(future) for future in [submit(job) for job in jobs]))
         choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
                               items=_items(r)) for i, r in enumerate(results)]
