@@ -25,7 +25,8 @@ DATASET_HELP = ("ml-latest-small (embedded, the default), a GroupLens name (ml-1
                 "ml-32m, ml-latest: downloaded), 'synthetic:users=N,items=M', or a folder path")
 THREADS_HELP = "torch intra-op threads"
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
-QUIET_ENV = {"TORCH_LOGS": "-torch", "TRANSFORMERS_VERBOSITY": "error"}  # their loggers: errors only
+QUIET_ENV = {"TORCH_LOGS": "-torch", "TRANSFORMERS_VERBOSITY": "error",  # their loggers: errors only
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # e.g. transformers' "Loading weights" bars
 
 
 def _data_describe(args: argparse.Namespace) -> None:

@@ -315,19 +315,22 @@ def set_path(body: dict, path: str, value) -> dict:
         ("messages", [], 422, "a non-empty user message is required"),
         ("messages", [{"role": "tool", "content": "x"}], 422, "role"),
         ("temperature", 3, 422, "temperature"),
-        ("stop", ["\n"], 422, "extra"),
+        ("stop", ["\n"], 422, "stop: Extra inputs are not permitted"),
     ],
 )
-def test_bad_chat_requests_get_documented_4xx(client, chat_body, stream, path, value, status, message):
+def test_bad_chat_requests_get_documented_4xx_in_openai_schema(client, chat_body, stream, path, value, status,
+                                                               message):
     r = client.post("/v1/chat/completions", json=set_path(chat_body, path, value) | {"stream": stream})
     assert r.status_code == status, r.text
-    assert message in r.text and r.headers["content-type"].startswith("application/json")
-    assert "0.1, 0.1" not in r.text
+    assert r.headers["content-type"].startswith("application/json")  # refused before any stream starts
+    error = r.json()["error"]
+    assert message in error["message"] and error["code"] == status
+    assert error["type"] == "invalid_request_error" and "0.1, 0.1" not in r.text
 
 
 def test_ranked_chat_takes_no_messages(client, chat_body):
     r = client.post("/v1/chat/completions", json=chat_body | {"task": "nextitem"})
-    assert r.status_code == 422 and "messages: only for task='free'" in r.text
+    assert r.status_code == 422 and "messages: only for task='free'" in r.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------- safety

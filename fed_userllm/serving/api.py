@@ -26,9 +26,11 @@ from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fed_userllm.serving.batching import DynamicBatcher, Overloaded
 from fed_userllm.serving.config import ServingConfig
@@ -56,6 +58,7 @@ log = logging.getLogger("fed_userllm.serving")
 BEARER = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 INFERENCE_PATHS = ("/v1/generate", "/v1/chat/completions")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 ERRORS = {401: {"description": "missing or wrong bearer token"},
           404: {"description": "unknown model (chat completions)"},
           409: {"description": "embedding from another encoder (encoder_hash mismatch)"},
@@ -128,7 +131,17 @@ def create_app(served: ServedModel, config: ServingConfig | None = None, api_key
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         """422 naming each bad field, without echoing the (possibly private, possibly huge) input back."""
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        if request.url.path in OPENAI_PATHS:
+            message = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in errors)
+            return _openai_error(422, message, param=".".join(map(str, errors[0]["loc"][1:])))
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """OpenAI's error body on its endpoints (its clients show ``error.message``), FastAPI's elsewhere."""
+        if request.url.path in OPENAI_PATHS:
+            return _openai_error(exc.status_code, str(exc.detail), headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     def submit(job: Job) -> Future:
         try:
@@ -206,7 +219,7 @@ def create_app(served: ServedModel, config: ServingConfig | None = None, api_key
                 except (TimeoutError, HTTPException) as err:  # the status line is sent: report it in the stream
                     status, detail = (err.status_code, err.detail) if isinstance(err, HTTPException) else \
                         (504, f"no answer within {config.request_timeout_s} s")
-                    yield _sse(json.dumps({"error": {"message": detail, "type": "server_error", "code": status}}))
+                    yield _sse(json.dumps(_error_body(status, detail)))
                     return
                 if text is not None:
                     sent[index] += text
@@ -240,6 +253,15 @@ def create_app(served: ServedModel, config: ServingConfig | None = None, api_key
         return Response(metrics.exposition(), media_type=Metrics.content_type)
 
     return app
+
+
+def _error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _openai_error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(status, message, param), status_code=status, headers=headers)
 
 
 def _items(result: Answer) -> list[Item] | None:
