@@ -328,6 +328,20 @@ def test_bad_chat_requests_get_documented_4xx_in_openai_schema(client, chat_body
     assert error["type"] == "invalid_request_error" and "0.1, 0.1" not in r.text
 
 
+def test_a_stream_that_times_out_ends_with_an_error_event(served, chat_body):
+    """Once the status line is sent, an error can only be reported in the stream (OpenAI's error object)."""
+    config = ServingConfig(max_new_tokens=12, request_timeout_s=1e-3)
+    with BackgroundServer(create_app(served, config)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        assert http.post("/v1/chat/completions", json=chat_body).json()["error"]["code"] == 504
+        with http.stream("POST", "/v1/chat/completions", json=chat_body | {"stream": True}) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+    first, *_, last = [json.loads(line.removeprefix("data: ")) for line in lines]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert last == {"error": {"message": "no answer within 0.001 s", "type": "server_error", "param": None,
+                              "code": 504}}
+
+
 def test_ranked_chat_takes_no_messages(client, chat_body):
     r = client.post("/v1/chat/completions", json=chat_body | {"task": "nextitem"})
     assert r.status_code == 422 and "messages: only for task='free'" in r.json()["error"]["message"]
