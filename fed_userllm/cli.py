@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
+from typing import TypeVar
 
 import fed_userllm
 from fed_userllm.extras import MissingExtra, require
@@ -21,6 +22,7 @@ from fed_userllm.settings import choices_of, help_of
 from fed_userllm.train.contextualize_config import ContextualizeConfig
 from fed_userllm.train.pretrain_config import PretrainConfig
 
+T = TypeVar("T")
 DATASET_HELP = ("ml-latest-small (embedded, the default), a GroupLens name (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, "
                 "ml-32m, ml-latest: downloaded), 'synthetic:users=N,items=M', or a folder path")
 THREADS_HELP = "torch intra-op threads"
@@ -63,7 +65,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     from fed_userllm.runtime import set_threads
     from fed_userllm.train.centralized import pretrain
 
-    config = _settings(PretrainConfig, args)
+    config = settings_from_args(PretrainConfig, args)
     set_threads(args.threads)
     print(json.dumps(pretrain(config, args.out, resume=args.resume), indent=2))
     print(f"run directory: {args.out}")
@@ -96,7 +98,7 @@ def _contextualize(args: argparse.Namespace) -> None:
     from fed_userllm.runtime import set_threads
     from fed_userllm.train.contextualize import contextualize
 
-    config = _settings(ContextualizeConfig, args)
+    config = settings_from_args(ContextualizeConfig, args)
     set_threads(args.threads)
     print(json.dumps(contextualize(config, args.out, resume=args.resume), indent=2))
     print(f"run directory: {args.out}")
@@ -140,7 +142,7 @@ def _serve(args: argparse.Namespace) -> None:
     from fed_userllm.runtime import set_threads
     from fed_userllm.serving.server import serve
 
-    config = _settings(ServingConfig, args)
+    config = settings_from_args(ServingConfig, args)
     set_threads(args.threads)
     serve(args.model, config, args.host, args.port, args.api_key, args.device)
 
@@ -204,7 +206,8 @@ def _add_settings(parser: argparse.ArgumentParser, settings_class: type) -> None
             raise TypeError(f"{settings_class.__name__}.{f.name}: no command-line type for {f.type!r}")
 
 
-def _settings(settings_class: type, args: argparse.Namespace):
+def settings_from_args(settings_class: type[T], args: argparse.Namespace) -> T:
+    """The settings dataclass the parsed flags describe (its own checks run here)."""
     return settings_class(**{f.name: getattr(args, f.name) for f in fields(settings_class)})
 
 

@@ -79,7 +79,7 @@ def test_settings_become_flags_with_their_defaults_and_choices(settings_class, c
     required = {"pretrain": ["--out", "x"], "contextualize": ["--out", "x"], "serve": ["--model", "x"]}[command]
     args = cli.build_parser().parse_args([command, *required])
     if settings_class is not ContextualizeConfig:  # needs an encoder to be valid
-        assert cli._settings(settings_class, args) == settings_class()
+        assert cli.settings_from_args(settings_class, args) == settings_class()
 
 
 def test_closed_sets_name_what_the_code_implements():
