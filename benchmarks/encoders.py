@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fed_userllm.models import load_pretrained  # noqa: E402
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
-from fed_userllm.train.centralized import MODEL_NAMES, PretrainConfig, pretrain  # noqa: E402
+from fed_userllm.train.centralized import pretrain  # noqa: E402
+from fed_userllm.train.pretrain_config import MODEL_NAMES, PretrainConfig  # noqa: E402
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@10")
 

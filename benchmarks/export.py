@@ -33,7 +33,8 @@ from fed_userllm.export.device import PteEncoder
 from fed_userllm.export.graph import ExportableEncoder
 from fed_userllm.models import load_pretrained
 from fed_userllm.runtime import atomic_write_json
-from fed_userllm.train.centralized import PretrainConfig, pretrain
+from fed_userllm.train.centralized import pretrain
+from fed_userllm.train.pretrain_config import PretrainConfig
 
 VARIANTS = {"pte_float": {"quantize": None, "dynamic": True},
             "pte_float_fixed_len": {"quantize": None, "dynamic": False},

@@ -32,7 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
 from fed_userllm.server.local_grid import app_defaults, run_local  # noqa: E402
-from fed_userllm.train.centralized import PretrainConfig, pretrain  # noqa: E402
+from fed_userllm.train.centralized import pretrain  # noqa: E402
+from fed_userllm.train.pretrain_config import PretrainConfig  # noqa: E402
 
 DATASET = "ml-latest-small"
 # The federated recipe of the utility runs: the app's model; each client joins a round with q = 0.1 (~61 of

@@ -33,21 +33,17 @@ import httpx  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from fed_userllm.data import load_sequences  # noqa: E402
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig  # noqa: E402
 from fed_userllm.models.llm import load_llm  # noqa: E402
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig  # noqa: E402
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
-from fed_userllm.server.serving import (  # noqa: E402
-    BackgroundServer,
-    PrecomputedStates,
-    ServedModel,
-    ServingConfig,
-    catalogs,
-    create_app,
-    encoder_weights_hash,
-)
+from fed_userllm.serving.api import create_app  # noqa: E402
+from fed_userllm.serving.config import ServingConfig  # noqa: E402
+from fed_userllm.serving.model import PrecomputedStates, ServedModel, catalogs, encoder_weights_hash  # noqa: E402
+from fed_userllm.serving.server import BackgroundServer  # noqa: E402
 
 DATASET = "ml-latest-small"
 HISTORY = 50
@@ -122,13 +118,19 @@ def load_test(url: str, bodies: list[bytes], clients: int, total: int) -> dict:
             "p95_ms": round(float(np.percentile(lat, 95)), 1)}
 
 
+def batches(url: str) -> tuple[float, float]:
+    """(model calls, requests they answered) so far, from the server's Prometheus metrics."""
+    samples = {s.name: s.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for s in family.samples}
+    return samples["fed_userllm_batch_size_count"], samples["fed_userllm_batch_size_sum"]
+
+
 def measure(url: str, bodies: list[bytes], clients: int, total: int) -> dict:
     """One load test plus the mean batch size the server formed during it (from /metrics)."""
-    before = httpx.get(f"{url}/metrics").json()
+    calls, answered = batches(url)
     row = load_test(url, bodies, clients, total)
-    after = httpx.get(f"{url}/metrics").json()
-    batched = after["batched_requests"] - before["batched_requests"]
-    return row | {"mean_batch_size": round(batched / (after["batches"] - before["batches"]), 2)}
+    calls_after, answered_after = batches(url)
+    return row | {"mean_batch_size": round((answered_after - answered) / (calls_after - calls), 2)}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -41,9 +41,8 @@ from fed_userllm.models.userllm import UserLLM, UserLLMConfig  # noqa: E402
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
 from fed_userllm.tasks import FavGenre, NextItem, Task  # noqa: E402
 from fed_userllm.tasks.catalog import CatalogScorer  # noqa: E402
-from fed_userllm.train.centralized import PretrainConfig, pretrain  # noqa: E402
+from fed_userllm.train.centralized import pretrain  # noqa: E402
 from fed_userllm.train.contextualize import (  # noqa: E402
-    ContextualizeConfig,
     contextualize,
     eval_user_subset,
     evaluate_model,
@@ -53,6 +52,8 @@ from fed_userllm.train.contextualize import (  # noqa: E402
     task_loss,
     trainable_parameters,
 )
+from fed_userllm.train.contextualize_config import ContextualizeConfig  # noqa: E402
+from fed_userllm.train.pretrain_config import PretrainConfig  # noqa: E402
 
 VARIANTS = {  # name -> ContextualizeConfig fields (User-LLM variants use the Enc strategy: LLM frozen)
     "userllm-xattn-perceiver": dict(integration="xattn", perceiver=True),
@@ -189,7 +190,7 @@ def evaluate_variant(task_name: str, name: str, base, args) -> dict:
     run_settings = dataclasses.replace(config, eval_users=0)  # evaluated below, on the test split only
     results = contextualize(run_settings, out / name, resume=True, progress=False, base=base)
     model, task = prepare(run_settings, base)  # the trained model, rebuilt from the run's final checkpoint
-    state = torch.load(out / name / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / name / "checkpoint.pt", map_location="cpu", weights_only=True)
     load_trainable_state(model, state["trainable"])
     del state
     metrics, seconds = cached_eval(model, task, config, out / name / f"test-eval-{args.eval_users}.json")

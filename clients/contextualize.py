@@ -29,13 +29,13 @@ from fed_userllm.runtime import resolve_device
 from fed_userllm.tasks import NextItem, Task, evaluate
 from fed_userllm.tasks.catalog import CatalogScorer
 from fed_userllm.train.contextualize import (
-    ContextualizeConfig,
     Examples,
     dataset_task,
     load_trainable_state,
     local_train_steps,
     trainable_state,
 )
+from fed_userllm.train.contextualize_config import ContextualizeConfig
 
 
 @dataclass(frozen=True)

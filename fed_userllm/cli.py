@@ -1,13 +1,34 @@
-"""The ``fed-userllm`` command line. Each subcommand imports its heavy dependencies only when it runs."""
+"""The ``fed-userllm`` command line. Building the parser imports no torch (each subcommand imports what it needs
+when it runs), so ``--help`` is instant; third-party warnings and log noise are shown only with ``-v``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields
+from typing import TypeVar
 
-from fed_userllm.data.movielens import DataError
+import fed_userllm
+from fed_userllm.extras import MissingExtra, require
+from fed_userllm.serving.config import ServingConfig
+from fed_userllm.settings import choices_of, help_of
+from fed_userllm.train.contextualize_config import ContextualizeConfig
+from fed_userllm.train.pretrain_config import PretrainConfig
+
+T = TypeVar("T")
+DATASET_HELP = ("ml-latest-small (embedded, the default), a GroupLens name (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, "
+                "ml-32m, ml-latest: downloaded), 'synthetic:users=N,items=M', or a folder path")
+THREADS_HELP = "torch intra-op threads"
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+QUIET_ENV = {"TORCH_LOGS": "-torch", "TRANSFORMERS_VERBOSITY": "error",  # their loggers: errors only
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # e.g. transformers' "Loading weights" bars
 
 
 def _data_describe(args: argparse.Namespace) -> None:
@@ -42,12 +63,11 @@ def _data_prepare(args: argparse.Namespace) -> None:
 
 def _pretrain(args: argparse.Namespace) -> None:
     from fed_userllm.runtime import set_threads
-    from fed_userllm.train.centralized import PretrainConfig, pretrain
+    from fed_userllm.train.centralized import pretrain
 
+    config = settings_from_args(PretrainConfig, args)
     set_threads(args.threads)
-    settings = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
-    results = pretrain(PretrainConfig(**settings), args.out, resume=args.resume)
-    print(json.dumps(results, indent=2))
+    print(json.dumps(pretrain(config, args.out, resume=args.resume), indent=2))
     print(f"run directory: {args.out}")
 
 
@@ -76,11 +96,11 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _contextualize(args: argparse.Namespace) -> None:
     from fed_userllm.runtime import set_threads
-    from fed_userllm.train.contextualize import ContextualizeConfig, contextualize
+    from fed_userllm.train.contextualize import contextualize
 
+    config = settings_from_args(ContextualizeConfig, args)
     set_threads(args.threads)
-    settings = {k: v for k, v in vars(args).items() if k in ContextualizeConfig.__dataclass_fields__}
-    print(json.dumps(contextualize(ContextualizeConfig(**settings), args.out, resume=args.resume), indent=2))
+    print(json.dumps(contextualize(config, args.out, resume=args.resume), indent=2))
     print(f"run directory: {args.out}")
 
 
@@ -93,6 +113,7 @@ def _evaluate_llm(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    require("export")
     from fed_userllm.export.build import ParityError, export_encoder
 
     try:
@@ -106,6 +127,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
+    require("export")
     from fed_userllm.export.device import embed
 
     result = embed(args.artifact, args.history, out=args.out)
@@ -116,16 +138,16 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    require("serve")
     from fed_userllm.runtime import set_threads
-    from fed_userllm.server.serving import serve
+    from fed_userllm.serving.server import serve
 
+    config = settings_from_args(ServingConfig, args)
     set_threads(args.threads)
-    serve(args.model, args.host, args.port, args.api_key, args.device, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms, max_new_tokens=args.max_new_tokens)
+    serve(args.model, config, args.host, args.port, args.api_key, args.device)
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    import os
     import signal
     import time
     from pathlib import Path
@@ -153,147 +175,225 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, config_class, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per field of a settings dataclass, typed by its default."""
-    for name, field in config_class.__dataclass_fields__.items():
-        if name in skip:
-            continue
-        default = field.default
-        flag = f"--{name.replace('_', '-')}"
-        if isinstance(default, bool):
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
-                                help="true/false")
-        elif "list[int]" in str(field.type):
-            parser.add_argument(flag, type=int, nargs="+", default=default, help="integers")
-        else:
-            kind = type(default) if default is not None else next(
-                (t for t in (float, int) if t.__name__ in str(field.type)), str)
-            parser.add_argument(flag, type=kind, default=default)
+# ---------------------------------------------------------------------------------------------- the parser
 
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where X is a real value: a default of None means "see the help text"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_VALUE_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _add_settings(parser: argparse.ArgumentParser, settings_class: type) -> None:
+    """One flag per field of a settings dataclass, with its help text, default, type and choices."""
+    for f in fields(settings_class):
+        flag, kind = f"--{f.name.replace('_', '-')}", str(f.type).split("|")[0].strip()
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_of(f))
+        elif kind == "list[int]":
+            parser.add_argument(flag, type=int, nargs="+", default=f.default, metavar="N", help=help_of(f))
+        elif kind in _VALUE_TYPES:
+            parser.add_argument(flag, type=_VALUE_TYPES[kind], default=f.default, choices=choices_of(f),
+                                help=help_of(f))
+        else:
+            raise TypeError(f"{settings_class.__name__}.{f.name}: no command-line type for {f.type!r}")
+
+
+def settings_from_args(settings_class: type[T], args: argparse.Namespace) -> T:
+    """The settings dataclass the parsed flags describe (its own checks run here)."""
+    return settings_class(**{f.name: getattr(args, f.name) for f in fields(settings_class)})
+
+
+def _add_command(commands, name: str, func, help: str, verbose: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                  formatter_class=_HelpFormatter, parents=[verbose])
+    command.set_defaults(func=func, command_parser=command)
+    return command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fed-userllm", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fed-userllm", description=fed_userllm.__doc__,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {fed_userllm.__version__}")
+    verbose_help = "also show third-party warnings and log messages"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    verbose = argparse.ArgumentParser(add_help=False)  # -v after the command too, without resetting a -v before it
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = commands.add_parser("data", help="inspect and prepare datasets")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    dataset_help = ("ml-latest-small (embedded, default), a GroupLens name (ml-100k, ml-1m, ml-10m, ml-20m, "
-                    "ml-25m, ml-32m, ml-latest: downloaded), 'synthetic:users=N,items=M', or a folder path")
-    describe = data_commands.add_parser("describe", help="print users, items, events, lengths and genres")
-    describe.add_argument("--dataset", default=None, help=dataset_help)
-    describe.add_argument("--max-len", type=int, default=50, help="history window length (default 50)")
-    describe.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    describe.set_defaults(func=_data_describe)
-    prep = data_commands.add_parser("prepare", help="write the processed splits to the cache with a manifest")
-    prep.add_argument("--dataset", default=None, help=dataset_help)
-    prep.add_argument("--max-len", type=int, default=50, help="history window length (default 50)")
-    prep.add_argument("--min-events", type=int, default=3, help="skip users with fewer events (default 3)")
-    prep.add_argument("--out", default=None, help="output folder (default: the user cache)")
-    prep.set_defaults(func=_data_prepare)
+    data = commands.add_parser("data", help="inspect and prepare datasets", formatter_class=_HelpFormatter)
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    for name, func, help in (("describe", _data_describe, "print users, items, events, lengths and genres"),
+                             ("prepare", _data_prepare, "write the processed splits to the cache with a manifest")):
+        sub = _add_command(data_commands, name, func, help, verbose)
+        sub.add_argument("--dataset", default=None, help=DATASET_HELP)
+        sub.add_argument("--max-len", type=int, default=50, help="history window length in events")
+        if name == "describe":
+            sub.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
+                             help="print JSON instead of a table")
+        else:
+            sub.add_argument("--min-events", type=int, default=3, help="skip users with fewer events")
+            sub.add_argument("--out", default=None, help="output folder (default: the user cache)")
 
-    from fed_userllm.train.centralized import MODEL_NAMES, PretrainConfig
-
-    defaults = PretrainConfig()
-    pre = commands.add_parser("pretrain", help="train a user encoder (or baseline) centrally",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pre.add_argument("--dataset", default=defaults.dataset, help=dataset_help)
-    pre.add_argument("--model", choices=MODEL_NAMES, default=defaults.model)
+    pre = _add_command(commands, "pretrain", _pretrain, "train a user encoder (or baseline) centrally", verbose)
     pre.add_argument("--out", required=True, help="run directory (e.g. runs/ar)")
-    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    for name in ("max_len", "d_model", "n_layers", "n_heads", "item_dim", "epochs", "batch_size", "patience", "seed"):
-        pre.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("dropout", "lr", "weight_decay", "warmup_frac"):
-        pre.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    pre.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu or cuda")
-    pre.add_argument("--threads", type=int, default=1, help="torch threads")
-    pre.set_defaults(func=_pretrain)
+    pre.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                     help="continue the run in --out from its last checkpoint")
+    pre.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    _add_settings(pre, PretrainConfig)
 
-    ev = commands.add_parser("evaluate", help="full-ranking metrics of a pretraining run's best model")
-    ev.add_argument("run_dir")
-    ev.add_argument("--split", choices=("val", "test"), default="test")
-    ev.add_argument("--mask-seen", action="store_true", help="exclude items already in the history from ranking")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--threads", type=int, default=1)
-    ev.set_defaults(func=_evaluate)
+    ev = _add_command(commands, "evaluate", _evaluate, "full-ranking metrics of a pretraining run's best model",
+                      verbose)
+    ev.add_argument("run_dir", help="pretraining run directory")
+    ev.add_argument("--split", choices=("val", "test"), default="test", help="the split evaluated")
+    ev.add_argument("--mask-seen", action=argparse.BooleanOptionalAction, default=False,
+                    help="exclude items already in the history from the ranking")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ev.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
-    au = commands.add_parser("audit", help="recompute a DP run's epsilon with Opacus RDP and PRV and check its ledger")
+    au = _add_command(commands, "audit", _audit, "recompute a DP run's epsilon with Opacus RDP and PRV and check "
+                                                 "its ledger", verbose)
     au.add_argument("run_dir", help="run directory (or its privacy_ledger.jsonl)")
-    au.add_argument("--json", action="store_true", help="print JSON instead of text")
-    au.add_argument("--head", default=None, help="expected ledger head hash, kept outside the run directory")
-    au.set_defaults(func=_audit)
+    au.add_argument("--json", action=argparse.BooleanOptionalAction, default=False, help="print JSON instead of text")
+    au.add_argument("--head", default=None, help="expected ledger head hash, kept outside the run directory "
+                                                 "(default: not checked)")
 
-    from fed_userllm.train.contextualize import ContextualizeConfig
-
-    ctx = commands.add_parser("contextualize", help="train User-LLM (frozen LLM + encoder + projection) on a task",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ctx = _add_command(commands, "contextualize", _contextualize, "train User-LLM (frozen LLM + encoder + "
+                                                                  "projection) on a task", verbose)
     ctx.add_argument("--out", required=True, help="run directory (e.g. runs/userllm)")
-    ctx.add_argument("--resume", action="store_true")
-    ctx.add_argument("--threads", type=int, default=1)
-    _add_dataclass_options(ctx, ContextualizeConfig)
-    ctx.set_defaults(func=_contextualize)
+    ctx.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                     help="continue the run in --out from its last checkpoint")
+    ctx.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    _add_settings(ctx, ContextualizeConfig)
 
-    evl = commands.add_parser("evaluate-llm", help="task metrics of a contextualization run or a Flower run's userllm/")
-    evl.add_argument("run_dir")
-    evl.add_argument("--split", choices=("val", "test"), default="test")
-    evl.add_argument("--num-users", type=int, default=None, help="default: the run's eval_users")
-    evl.add_argument("--device", default="auto")
-    evl.add_argument("--threads", type=int, default=1)
-    evl.set_defaults(func=_evaluate_llm)
+    evl = _add_command(commands, "evaluate-llm", _evaluate_llm, "task metrics of a contextualization run or a "
+                                                                "Flower run's userllm/", verbose)
+    evl.add_argument("run_dir", help="contextualization run directory or a Flower run's userllm/")
+    evl.add_argument("--split", choices=("val", "test"), default="test", help="the split evaluated")
+    evl.add_argument("--num-users", type=int, default=None, help="users evaluated (default: the run's eval_users)")
+    evl.add_argument("--device", default="auto", help=DEVICE_HELP)
+    evl.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
-    exp = commands.add_parser("export", help="export a trained AR encoder to an ExecuTorch .pte + manifest")
-    exp.add_argument("run_dir", help="pretraining/federated run dir (best/ or final/) or a model folder")
+    exp = _add_command(commands, "export", _export, "export a trained AR encoder to an ExecuTorch .pte + manifest",
+                       verbose)
+    exp.add_argument("run_dir", help="pretraining/federated run directory (best/ or final/) or a model folder")
     exp.add_argument("--out", required=True, help="artifact folder (e.g. artifacts/ar)")
-    exp.add_argument("--quantize", choices=("int8",), default=None)
-    exp.add_argument("--dataset", default=None, help="dataset of a bare model folder")
-    exp.add_argument("--max-len", type=int, default=None)
-    exp.add_argument("--fixed-length", action="store_true", help="static max_len instead of a dynamic length")
-    exp.add_argument("--parity-users", type=int, default=1000)
-    exp.set_defaults(func=_export)
+    exp.add_argument("--quantize", choices=("int8",), default=None, help="int8 weights (default: float32)")
+    exp.add_argument("--dataset", default=None, help="dataset of a bare model folder (default: the run's)")
+    exp.add_argument("--max-len", type=int, default=None,
+                     help="longest on-device history in events (default: the run's)")
+    exp.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=False,
+                     help="lower for exactly --max-len events instead of any length up to it")
+    exp.add_argument("--parity-users", type=int, default=1000,
+                     help="validation histories compared between the .pte and the eager model")
 
-    emb = commands.add_parser("embed", help="on-device path: user embedding from a history CSV with the .pte only")
-    emb.add_argument("--artifact", required=True)
+    emb = _add_command(commands, "embed", _embed, "on-device path: a user embedding from a history CSV with the "
+                                                  ".pte only", verbose)
+    emb.add_argument("--artifact", required=True, help="artifact folder written by `export`")
     emb.add_argument("--history", required=True, help="CSV with movieId,rating,timestamp")
-    emb.add_argument("--out", default=None, help="output .json (the serving API's request body) or .npy")
-    emb.set_defaults(func=_embed)
+    emb.add_argument("--out", default=None, help="output .json (the serving API's user object) or .npy "
+                                                 "(default: print the summary only)")
 
-    srv = commands.add_parser("serve", help="serve a contextualization run over HTTP (FastAPI)")
+    srv = _add_command(commands, "serve", _serve, "serve a contextualization run over HTTP (OpenAI-compatible "
+                                                  "chat completions, Prometheus metrics)", verbose)
     srv.add_argument("--model", required=True, help="contextualization run directory")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None, help="bearer token (or env FED_USERLLM_API_KEY)")
-    srv.add_argument("--device", default="auto")
-    srv.add_argument("--max-batch-size", type=int, default=16, help="1 disables batching")
-    srv.add_argument("--max-wait-ms", type=float, default=20)
-    srv.add_argument("--max-new-tokens", type=int, default=64)
-    srv.add_argument("--threads", type=int, default=1)
-    srv.set_defaults(func=_serve)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    srv.add_argument("--api-key", default=None, help="bearer token required on every endpoint but /healthz "
+                                                     "(default: env FED_USERLLM_API_KEY, else none)")
+    srv.add_argument("--device", default="auto", help=DEVICE_HELP)
+    srv.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    _add_settings(srv, ServingConfig)
 
-    dep = commands.add_parser("deploy", help="run the Flower app on a local SuperLink + N SuperNodes (Deployment "
-                                             "Engine, loopback), then stop every process started")
+    dep = _add_command(commands, "deploy", _deploy, "run the Flower app on a local SuperLink + N SuperNodes "
+                                                    "(Deployment Engine, loopback), then stop every process started",
+                       verbose)
     dep.add_argument("--supernodes", type=int, required=True,
                      help="SuperNodes, one per partition: dataset users / users-per-client")
     dep.add_argument("--run-config", default="", help="run config overrides, e.g. \"dataset='synthetic:users=3' "
                                                       "num-rounds=2\" (max-in-flight=0 unless given)")
     dep.add_argument("--workdir", default=None, help="logs, FLWR_HOME, certificates, keys and runs "
-                                                     "(default runs/deploy-<timestamp>)")
-    dep.add_argument("--tls", action="store_true", help="generate a CA + certificate, serve the SuperLink over TLS")
-    dep.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls): one key pair "
-                                                         "per SuperNode, registered with the SuperLink")
-    dep.add_argument("--keep-running", action="store_true",
+                                                     "(default: runs/deploy-<timestamp>)")
+    dep.add_argument("--tls", action=argparse.BooleanOptionalAction, default=False,
+                     help="generate a CA + certificate, serve the SuperLink over TLS")
+    dep.add_argument("--auth", action=argparse.BooleanOptionalAction, default=False,
+                     help="SuperNode authentication (implies --tls): one key pair per SuperNode, registered with "
+                          "the SuperLink")
+    dep.add_argument("--keep-running", action=argparse.BooleanOptionalAction, default=False,
                      help="keep the federation up for `flwr run` from other terminals until Ctrl-C / SIGTERM")
-    dep.add_argument("--app", default=None, help="Flower app folder (default simulations/movielens)")
-    dep.set_defaults(func=_deploy)
+    dep.add_argument("--app", default=None, help="Flower app folder (default: simulations/movielens)")
     return parser
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@contextmanager
+def console(verbose: bool) -> Iterator[None]:
+    """While a command runs, the project's warnings and log records (``fed_userllm.*``) reach stderr, other
+    libraries' only with ``verbose``. Torch and transformers read their verbosity from the environment when
+    imported; the other libraries' loggers inherit the root logger's level (torchao's "Failed to load ... .so"
+    lines are such records). Everything is restored afterwards (``main`` also runs inside tests)."""
+    root, project = logging.getLogger(), logging.getLogger("fed_userllm")
+    saved = root.level, project.level, {name: os.environ.get(name) for name in QUIET_ENV}
+    handler = logging.StreamHandler()  # a root handler of our own also makes Opacus's logging.basicConfig a no-op
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    project.setLevel(logging.INFO)
+    with warnings.catch_warnings():
+        if verbose:
+            warnings.simplefilter("default")
+        else:
+            root.setLevel(logging.ERROR)
+            for name, value in QUIET_ENV.items():
+                os.environ.setdefault(name, value)
+            warnings.filterwarnings("ignore")
+            warnings.filterwarnings("default", module=r"fed_userllm\b")
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(saved[0])
+            project.setLevel(saved[1])
+            for name, value in saved[2].items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` with each setting written as the user typed it: ``encoder_lr=-1`` -> ``--encoder-lr=-1``,
+    ``perceiver=False`` -> ``--no-perceiver``."""
+    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    if not flags:
+        return message
+    pattern = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+
+    def rename(match: re.Match) -> str:
+        action, value = flags[match.group(1)], match.group(2)
+        flag = next(s for s in action.option_strings if s.startswith("--"))
+        if isinstance(action, argparse.BooleanOptionalAction) and value:
+            return flag if value == "True" else f"--no-{flag.removeprefix('--')}"
+        return f"{flag}={value or ''}"
+
+    return re.sub(rf"(?<![\w./-])({pattern})=(?:(True|False)\b)?", rename, message)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.simplefilter("default")
     try:
-        return args.func(args) or 0
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        with console(args.verbose):
+            return args.func(args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError, MissingExtra) as err:  # incl. DataError, a ValueError
+        print(f"error: {flag_names(str(err), args.command_parser)}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from fed_userllm.models.userllm import UserLLM
 from fed_userllm.tasks.prompts import INSTRUCTIONS, QUESTIONS
 
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
@@ -62,3 +63,11 @@ def save_tiny_llm(directory: Path, texts: Iterable[str] = (), arch: str = "llama
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def set_gates(model: UserLLM, value: float) -> None:
+    """Open every cross-attention gate of ``model`` to ``value`` (0 at initialisation: answers ignore the user)."""
+    with torch.no_grad():
+        for block in model.xattn:
+            block.gate_attn.fill_(value)
+            block.gate_ff.fill_(value)

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from test_userllm import TITLES, make, set_gates, tiny_llm, tiny_tokenizer, user_batch
+from llm_fixtures import set_gates
+from test_userllm import TITLES, make, tiny_llm, tiny_tokenizer, user_batch
 
 from fed_userllm.models.constrained import TitleTrie, rank_titles
 

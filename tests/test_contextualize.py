@@ -12,9 +12,8 @@ import fed_userllm.train.contextualize as ctx
 from fed_userllm.data.reviews import read_reviews, review_sequences
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
 from fed_userllm.models.userllm import UserLLM
-from fed_userllm.train.centralized import PretrainConfig, pretrain
+from fed_userllm.train.centralized import pretrain
 from fed_userllm.train.contextualize import (
-    ContextualizeConfig,
     Examples,
     _check_run_dir,
     contextualize,
@@ -25,6 +24,8 @@ from fed_userllm.train.contextualize import (
     prepare,
     trainable_state,
 )
+from fed_userllm.train.contextualize_config import ContextualizeConfig
+from fed_userllm.train.pretrain_config import PretrainConfig
 
 DATA = "synthetic:users=40,items=30,seed=1"
 
@@ -57,7 +58,7 @@ def test_run_directory_results_and_evaluate_llm(runs, tmp_path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [6]
     assert [x["step"] for x in lines if "val_recall@10" in x] == [3]
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
     assert (run / "model" / "userllm_config.json").is_file() and (run / "model" / "encoder").is_dir()
     assert results["val"]["n"] == results["test"]["n"] == 6
     test = results["test"]
@@ -83,14 +84,14 @@ def test_resume_after_a_crash_gives_the_same_model(runs, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         contextualize(config(runs, eval_users=0), tmp_path / "crashed", progress=False)
     monkeypatch.setattr(ctx, "local_train_steps", real)
-    assert torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=True)["step"] == 4
     with pytest.raises(FileExistsError, match="--resume"):
         contextualize(config(runs, eval_users=0), tmp_path / "crashed", progress=False)
     with pytest.raises(ValueError, match="same settings"):
         contextualize(config(runs, eval_users=0, lr=1e-3), tmp_path / "crashed", resume=True, progress=False)
     contextualize(config(runs, eval_users=0), tmp_path / "crashed", resume=True, progress=False)
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)["trainable"]
-    b = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)["trainable"]
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["trainable"]
+    b = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=True)["trainable"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [6]  # nothing logged twice

@@ -22,8 +22,9 @@ from fed_userllm.export.build import (
 from fed_userllm.export.device import HistoryError, embed, featurize, read_history
 from fed_userllm.export.graph import ExportableEncoder
 from fed_userllm.models import ARUserEncoder, ARUserEncoderConfig, BERT4Rec, BERT4RecConfig, load_pretrained
-from fed_userllm.server.serving import UserEmbedding
-from fed_userllm.train.centralized import PretrainConfig, pretrain
+from fed_userllm.serving.schema import UserEmbedding
+from fed_userllm.train.centralized import pretrain
+from fed_userllm.train.pretrain_config import PretrainConfig
 
 DATA = "synthetic:users=60,items=50,seed=1"
 MAX_LEN = 12

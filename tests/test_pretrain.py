@@ -8,7 +8,8 @@ import torch
 import fed_userllm.train.centralized as centralized
 from fed_userllm.cli import main
 from fed_userllm.models import load_pretrained
-from fed_userllm.train.centralized import PretrainConfig, evaluate_run, pretrain
+from fed_userllm.train.centralized import evaluate_run, pretrain
+from fed_userllm.train.pretrain_config import PretrainConfig
 
 DATA = "synthetic:users=120,items=80,genres=4,events=20,seed=2"
 
@@ -59,8 +60,8 @@ def test_resume_after_a_crash_gives_the_same_model(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="same settings"):
         pretrain(tiny(lr=1e-2), tmp_path / "crashed", resume=True, progress=False)
     pretrain(tiny(), tmp_path / "crashed", resume=True, progress=False)
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]  # no epoch recorded twice

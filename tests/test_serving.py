@@ -10,44 +10,26 @@ from dataclasses import asdict
 import httpx
 import pytest
 import torch
-from test_userllm import set_gates
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from llm_fixtures import save_tiny_llm, set_gates
+from prometheus_client.parser import text_string_to_metric_families
 
 from fed_userllm.data import load_sequences
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
 from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig
-from fed_userllm.server.batching import DynamicBatcher, Overloaded
-from fed_userllm.server.serving import (
-    FREE_INSTRUCTION,
-    BackgroundServer,
-    Job,
-    PrecomputedStates,
-    ServedModel,
-    ServingConfig,
-    create_app,
-)
+from fed_userllm.serving.api import create_app
+from fed_userllm.serving.batching import DynamicBatcher, Overloaded
+from fed_userllm.serving.config import ServingConfig
+from fed_userllm.serving.model import FREE_INSTRUCTION, Job, PrecomputedStates, ServedModel
+from fed_userllm.serving.server import BackgroundServer
 from fed_userllm.tasks import rank
-from fed_userllm.tasks.prompts import INSTRUCTIONS, QUESTIONS
-from fed_userllm.train.contextualize import ContextualizeConfig, load_model
+from fed_userllm.train.contextualize import load_model
+from fed_userllm.train.contextualize_config import ContextualizeConfig
 
 KEY = "s3cret-token"
 DATASET = "synthetic:users=12,items=20,genres=4,events=10"
 MAX_LEN = 8
 PROMPTS = ["what should I watch tonight", "recommend a movie", "a film for the weekend", "any comedy", "hi"]
-
-
-def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the words of ``texts`` (built offline)."""
-    words = sorted({w for t in texts for w, _ in Whitespace().pre_tokenize_str(t)})
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<eos>", *words])}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<eos>")
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +45,8 @@ def run_dir(tmp_path_factory):
     encoder.save_pretrained(root / "pretrain" / "best")
     (root / "pretrain" / "config.json").write_text(json.dumps({"dataset": DATASET, "max_len": MAX_LEN}))
     texts = [seq.catalog.title(i) for i in seq.catalog.titles] + list(seq.vocabs["genre"].tokens) + PROMPTS
-    texts += [t.format(noun="movie") for t in (*INSTRUCTIONS.values(), *QUESTIONS.values())]
-    tokenizer = word_tokenizer([*texts, FREE_INSTRUCTION, "Answer:"])
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                       pad_token_id=0, eos_token_id=2, initializer_range=0.2))
-    llm.save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
+    save_tiny_llm(root / "llm", [*texts, FREE_INSTRUCTION], layers=2)
+    llm, _ = load_llm(str(root / "llm"), device="cpu")
     config = ContextualizeConfig(encoder=str(root / "pretrain"), llm=str(root / "llm"), task="nextitem",
                                  history_len=MAX_LEN, num_latents=4, eval_users=0, device="cpu")
     (root / "run").mkdir()
@@ -204,7 +181,8 @@ def test_model_info_health_and_openapi(client, server, served):
     assert info["trained_task"] == "nextitem" and info["limits"]["max_new_tokens"] == 12
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}  # no token needed
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/generate", "/v1/model", "/healthz", "/metrics"} <= set(paths)
+    assert {"/v1/generate", "/v1/chat/completions", "/v1/models", "/v1/model", "/healthz", "/metrics"} <= set(
+        paths)
     assert {"401", "409", "413", "422"} <= set(paths["/v1/generate"]["post"]["responses"])
 
 
@@ -238,6 +216,137 @@ def test_precomputed_states_match_the_encoder_path_in_batches(tmp_path, run_dir,
     assert [served.run([job])[0].text for job in jobs] == expected
 
 
+# ---------------------------------------------------------------- OpenAI-compatible chat completions
+
+
+@pytest.fixture(scope="module")
+def chat_body(trained, served) -> dict:
+    return {"user_embedding": embedding(trained, served, 0), "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "temperature": 0, "max_tokens": 8}
+
+
+def sse_events(client: httpx.Client, body: dict) -> list[dict]:
+    """The chunks of a streamed chat completion, read line by line as they arrive; checks the SSE framing."""
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_chat_completion_answers_like_generate_in_openai_schema(client, chat_body, served):
+    r = client.post("/v1/chat/completions", json=chat_body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    native = client.post("/v1/generate", json={"user": chat_body["user_embedding"], "prompt": PROMPTS[0],
+                                               "max_new_tokens": 8}).json()
+    assert out["id"].startswith("chatcmpl-") and out["object"] == "chat.completion"
+    assert out["model"] == served.name == "run" and abs(out["created"] - time.time()) < 600
+    [choice] = out["choices"]
+    assert choice["index"] == 0 and choice["message"] == {"role": "assistant", "content": native["text"]}
+    assert choice["finish_reason"] == ("length" if native["tokens"] == 8 else "stop")
+    prompt_tokens = len(served.tokenizer(served.prompt("free", PROMPTS[0]))["input_ids"])
+    assert out["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": native["tokens"],
+                            "total_tokens": prompt_tokens + native["tokens"]}
+
+
+def test_streamed_chat_equals_the_non_streamed_answer(client, chat_body):
+    body = chat_body | {"n": 2, "max_tokens": 12, "stream_options": {"include_usage": True}}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    events = sse_events(client, body)
+    assert len({e["id"] for e in events}) == 1 and events[0]["id"].startswith("chatcmpl-")
+    assert all(e["object"] == "chat.completion.chunk" and e["model"] == whole["model"] for e in events)
+    assert [c["delta"] for c in events[0]["choices"]] == [{"role": "assistant", "content": ""}] * 2
+    for index, expected in enumerate(whole["choices"]):
+        mine = [c for e in events[1:] for c in e["choices"] if c["index"] == index]
+        pieces = [c["delta"]["content"] for c in mine if "content" in c["delta"]]
+        assert "".join(pieces) == expected["message"]["content"]
+        assert len(pieces) > 1  # sent while generating, not all at the end
+        assert mine[-1]["delta"] == {} and mine[-1]["finish_reason"] == expected["finish_reason"]
+        assert all("finish_reason" not in c for c in mine[:-1])
+    assert whole["choices"][0]["message"] == whole["choices"][1]["message"]  # greedy: n equal choices
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    assert whole["usage"]["completion_tokens"] == 2 * client.post("/v1/chat/completions", json=chat_body | {
+        "max_tokens": 12}).json()["usage"]["completion_tokens"]
+
+
+def test_chat_ranks_catalog_items_for_a_ranked_task(client, trained, served):
+    user = embedding(trained, served, 3)
+    native = client.post("/v1/generate", json={"user": user, "task": "nextitem", "k": 5}).json()
+    body = {"user_embedding": user, "task": "nextitem", "k": 5}
+    out = client.post("/v1/chat/completions", json=body).json()
+    [choice] = out["choices"]
+    assert choice["message"]["content"] == native["text"] and choice["items"] == native["items"]
+    assert choice["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == 0
+    events = sse_events(client, body)
+    assert "".join(c["delta"].get("content", "") for e in events for c in e["choices"]) == native["text"]
+    assert events[-1]["choices"][0]["items"] == native["items"]
+
+
+def test_models_are_listed_and_named_requests_accepted(client, chat_body, served):
+    listed = client.get("/v1/models").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [served.name]
+    assert listed["data"][0]["object"] == "model" and listed["data"][0]["owned_by"] == "fed-userllm"
+    assert client.post("/v1/chat/completions", json=chat_body | {"model": served.name}).status_code == 200
+
+
+def set_path(body: dict, path: str, value) -> dict:
+    """A deep copy of ``body`` with the field at a dotted ``path`` set to ``value``."""
+    body = json.loads(json.dumps(body))
+    *parents, name = path.split(".")
+    target = body
+    for parent in parents:
+        target = target[parent]
+    target[name] = value
+    return body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "path,value,status,message",
+    [
+        ("user_embedding.shape", [MAX_LEN, 16], 422, "user_embedding.shape=[8, 16]: expected [T, 32]"),
+        ("user_embedding.encoder_hash", "0" * 64, 409, "user_embedding.encoder_hash"),
+        ("task", "summarize", 422, "nextitem"),
+        ("model", "gpt-4", 404, "model='gpt-4' not found: this server serves 'run'"),
+        ("n", 5, 422, "n=5: the limit is 4"),
+        ("max_tokens", 13, 422, "max_tokens=13: the limit is 12"),
+        ("max_completion_tokens", 13, 422, "max_completion_tokens=13: the limit is 12"),
+        ("messages", [], 422, "a non-empty user message is required"),
+        ("messages", [{"role": "tool", "content": "x"}], 422, "role"),
+        ("temperature", 3, 422, "temperature"),
+        ("stop", ["\n"], 422, "stop: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_chat_requests_get_documented_4xx_in_openai_schema(client, chat_body, stream, path, value, status,
+                                                               message):
+    r = client.post("/v1/chat/completions", json=set_path(chat_body, path, value) | {"stream": stream})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")  # refused before any stream starts
+    error = r.json()["error"]
+    assert message in error["message"] and error["code"] == status
+    assert error["type"] == "invalid_request_error" and "0.1, 0.1" not in r.text
+
+
+def test_a_stream_that_times_out_ends_with_an_error_event(served, chat_body):
+    """Once the status line is sent, an error can only be reported in the stream (OpenAI's error object)."""
+    config = ServingConfig(max_new_tokens=12, request_timeout_s=1e-3)
+    with BackgroundServer(create_app(served, config)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        assert http.post("/v1/chat/completions", json=chat_body).json()["error"]["code"] == 504
+        with http.stream("POST", "/v1/chat/completions", json=chat_body | {"stream": True}) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+    first, *_, last = [json.loads(line.removeprefix("data: ")) for line in lines]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert last == {"error": {"message": "no answer within 0.001 s", "type": "server_error", "param": None,
+                              "code": 504}}
+
+
+def test_ranked_chat_takes_no_messages(client, chat_body):
+    r = client.post("/v1/chat/completions", json=chat_body | {"task": "nextitem"})
+    assert r.status_code == 422 and "messages: only for task='free'" in r.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------- safety
 
 
@@ -265,7 +374,8 @@ def changed(body: dict, **changes) -> dict:
 @pytest.mark.parametrize("header", [None, "Bearer wrong", f"Basic {KEY}", f"Bearer {KEY}x"])
 def test_auth_is_required(server, valid, header):
     headers = {} if header is None else {"Authorization": header}
-    for method, path in (("POST", "/v1/generate"), ("GET", "/v1/model"), ("GET", "/metrics")):
+    for method, path in (("POST", "/v1/generate"), ("POST", "/v1/chat/completions"), ("GET", "/v1/model"),
+                         ("GET", "/v1/models"), ("GET", "/metrics")):
         body = valid if method == "POST" else None
         r = httpx.request(method, server.url + path, headers=headers, json=body)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -322,30 +432,58 @@ def test_body_too_large(client, valid):
 # ---------------------------------------------------------------- batching
 
 
+def scrape(client: httpx.Client) -> dict[tuple, float]:
+    """GET /metrics, parsed as Prometheus text: {(sample name, sorted labels): value}."""
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(r.text) for sample in family.samples}
+
+
+def metric(values: dict, name: str, **labels) -> float:
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def errors(values: dict) -> float:
+    return sum(v for (name, labels), v in values.items()
+               if name == "fed_userllm_requests_total" and dict(labels)["status"] != "200")
+
+
 def test_concurrent_requests_are_batched_and_answered_like_unbatched(client, trained, served):
     bodies = [{"user": embedding(trained, served, i, n=3 + i % 5), "prompt": PROMPTS[i % len(PROMPTS)],
                "max_new_tokens": 10} for i in range(8)]
     alone = [client.post("/v1/generate", json=b).json() for b in bodies]
     assert all(a["timing"]["batch_size"] == 1 for a in alone)
     assert len({a["text"] for a in alone}) > 1
-    before = client.get("/metrics").json()
+    before = scrape(client)
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda b: client.post("/v1/generate", json=b), bodies))
     assert all(r.status_code == 200 for r in together)
     assert [r.json()["text"] for r in together] == [a["text"] for a in alone]
     assert max(r.json()["timing"]["batch_size"] for r in together) > 1
-    after = client.get("/metrics").json()
-    assert after["requests"] - before["requests"] == 8 and after["errors"] == before["errors"]
-    assert after["batches"] - before["batches"] < 8 and after["max_batch_size"] > 1
-    assert after["tokens"] - before["tokens"] == sum(r.json()["tokens"] for r in together)
-    assert after["latency_ms"]["p95"] >= after["latency_ms"]["p50"] > 0
+    after = scrape(client)
+
+    def grew(name: str, **labels) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert grew("fed_userllm_requests_total", endpoint="/v1/generate", status="200") == 8
+    assert grew("fed_userllm_request_duration_seconds_count", endpoint="/v1/generate") == 8
+    assert grew("fed_userllm_request_duration_seconds_sum", endpoint="/v1/generate") > 0
+    assert grew("fed_userllm_batch_size_sum") == 8 and grew("fed_userllm_batch_size_count") < 8  # a batch > 1
+    assert grew("fed_userllm_batch_size_bucket", le="1.0") < grew("fed_userllm_batch_size_count")
+    assert grew("fed_userllm_generated_tokens_total") == sum(r.json()["tokens"] for r in together)
+    assert errors(after) == errors(before)
 
 
-def test_metrics_count_errors(client, valid):
-    before = client.get("/metrics").json()
+def test_metrics_count_errors_by_status(client, valid, chat_body):
+    before = scrape(client)
     client.post("/v1/generate", json=changed(valid, user_dtype="int8"))
-    after = client.get("/metrics").json()
-    assert after["errors"] == before["errors"] + 1 and after["status"]["422"] >= 1
+    client.post("/v1/chat/completions", json=chat_body | {"model": "gpt-4"})
+    client.post("/v1/generate", content=b"{" + b" " * 70_000, headers={"Content-Type": "application/json"})
+    after = scrape(client)
+    for endpoint, status in (("/v1/generate", "422"), ("/v1/chat/completions", "404"), ("/v1/generate", "413")):
+        key = ("fed_userllm_requests_total", tuple(sorted({"endpoint": endpoint, "status": status}.items())))
+        assert after[key] == before.get(key, 0.0) + 1, (endpoint, status)
 
 
 def test_batcher_isolates_a_failing_request():

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from llm_fixtures import set_gates
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -66,13 +67,6 @@ def make(arch: str = "llama", seed: int = 0, **overrides) -> UserLLM:
     fields = dict(llm="unused-in-tests", xattn_every=1, xattn_dim=16, n_xattn_heads=2, num_latents=4,
                   num_task_prompt_tokens=3, lora_r=4)
     return UserLLM(UserLLMConfig(**fields | overrides), tiny_encoder(seed), tiny_llm(arch, seed))
-
-
-def set_gates(model: UserLLM, value: float) -> None:
-    with torch.no_grad():
-        for block in model.xattn:
-            block.gate_attn.fill_(value)
-            block.gate_ff.fill_(value)
 
 
 def text(B: int = 2, L: int = 5, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

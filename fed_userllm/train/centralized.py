@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,54 +26,9 @@ from fed_userllm.data import UserSequences, load_sequences
 from fed_userllm.data.item_features import ItemFeatureSpec, public_item_features
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
-from fed_userllm.models import ENCODERS, Popularity, PopularityConfig, build_encoder, load_pretrained
-from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS, ITEM_FEATURES
+from fed_userllm.models import Popularity, PopularityConfig, build_encoder, load_pretrained
 from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device, seed_everything
-
-MODEL_NAMES = (*ENCODERS, "popularity")
-
-
-@dataclass
-class PretrainConfig:
-    """Everything a centralized pretraining run depends on (saved as the run's config.json)."""
-
-    dataset: str = "ml-latest-small"
-    model: str = "ar"
-    max_len: int = 50
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    item_dim: int = DEFAULT_FEATURE_DIMS["item"]  # item embedding width (tied with the output layer)
-    item_features: str = "learned"  # learned: a per-item table | public: frozen catalog features (AR only)
-    item_features_llm: str = "smollm2"  # public features: the LLM whose title representation is used ("": none)
-    dropout: float = 0.2
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 5e-3
-    weight_decay: float = 1e-3
-    warmup_frac: float = 0.05
-    patience: int = 5
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"model={self.model!r}: expected one of {', '.join(MODEL_NAMES)}")
-        for name in ("max_len", "epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
-        if self.item_features not in ITEM_FEATURES:
-            raise ValueError(f"item_features={self.item_features!r}: expected one of {ITEM_FEATURES}")
-        if self.lr <= 0 or not 0 <= self.warmup_frac < 1:
-            raise ValueError(f"lr={self.lr}, warmup_frac={self.warmup_frac}: expected lr > 0, 0 <= warmup_frac < 1")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PretrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown pretraining settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
+from fed_userllm.train.pretrain_config import PretrainConfig
 
 
 def build_model(config: PretrainConfig, seq: UserSequences) -> torch.nn.Module:
@@ -134,7 +89,7 @@ def pretrain(config: PretrainConfig, run_dir: str | Path, resume: bool = False,
         optimizer, warmup_cosine(steps_per_epoch * config.epochs, config.warmup_frac))
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
     if resume and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,107 +41,16 @@ from fed_userllm.data.sequences import UserSequences
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
-from fed_userllm.models.userllm import STRATEGIES, UserLLM, UserLLMConfig
+from fed_userllm.models.userllm import UserLLM
 from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device
 from fed_userllm.tasks import TASKS, ReviewG, Task, evaluate, to_device
 from fed_userllm.tasks.catalog import CatalogScorer
 from fed_userllm.tasks.tasks import IGNORE
 from fed_userllm.train.centralized import warmup_cosine
+from fed_userllm.train.contextualize_config import ContextualizeConfig
 
-INTEGRATIONS = ("xattn", "softprompt", "text")
-OBJECTIVES = ("lm", "catalog")
 EVAL_SEED = 0  # the evaluation subset of users is the same for every run, so runs are comparable
 LOG_EVERY = 10
-
-
-@dataclass
-class ContextualizeConfig:
-    """Everything a contextualization run depends on (saved as the run's config.json)."""
-
-    encoder: str | None = None  # pretraining run dir (config.json + best/); not used by integration="text"
-    dataset: str | None = None  # None: the encoder run's dataset (ml-latest-small without an encoder)
-    llm: str | None = None  # None = the embedded SmolLM2-135M-Instruct
-    task: str = "nextitem"
-    integration: str = "xattn"  # xattn | softprompt | text (the TextPrompt baseline, no encoder)
-    strategy: str = "enc"
-    perceiver: bool = True
-    num_latents: int = 16
-    xattn_layers: list[int] | None = None  # decoder layers followed by cross-attention; None: every 4th
-    user_tokens: str = "events"  # events: one per event | next_item: the encoder's next-item vector (UserLLM)
-    objective: str = "lm"  # lm: token cross-entropy | catalog: -log P(title | catalog) (NextItem, see below)
-    history_len: int = 50  # events per example (the encoder's input)
-    text_history_len: int = 0  # most recent events written into the prompt (0 = User-LLM only)
-    review_field: str = "text"  # ReviewG target: "text" or (Amazon) "summary"
-    noun: str | None = None  # how prompts call an item; None: movie / item / place by dataset
-    steps: int = 300
-    batch_size: int = 8
-    micro_batch_size: int = 0  # > 0: accumulate gradients over micro-batches of this size (saves memory)
-    lr: float = 1e-3
-    encoder_lr: float | None = None  # None: lr; lower keeps a pretrained encoder while new layers learn fast
-    weight_decay: float = 1e-3
-    warmup_frac: float = 0.05
-    max_grad_norm: float = 1.0  # gradient clipping (0 = off: the catalog objective trains better without it)
-    max_target_tokens: int = 64
-    eval_users: int = 100  # size of the fixed random user subset evaluated (0 = skip evaluation)
-    eval_batch_size: int = 8  # prompts per beam search; the KV cache grows with prompt length x beams
-    eval_every: int = 0  # validation every N steps (0 = only at the end)
-    checkpoint_every: int = 50
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r}: expected one of {sorted(TASKS)}")
-        if self.integration not in INTEGRATIONS:
-            raise ValueError(f"integration={self.integration!r}: expected one of {INTEGRATIONS}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r}: expected one of {OBJECTIVES}")
-        if self.objective == "catalog" and (self.task, self.integration, self.text_history_len) != (
-                "nextitem", "xattn", 0):
-            raise ValueError("objective='catalog' scores NextItem titles from cached text states: it needs "
-                             "task='nextitem', integration='xattn', text_history_len=0 (got "
-                             f"{self.task!r}, {self.integration!r}, {self.text_history_len})")
-        for name in ("num_latents", "history_len", "steps", "batch_size", "max_target_tokens",
-                     "eval_batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
-        for name in ("text_history_len", "micro_batch_size", "eval_users", "eval_every", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
-        if self.encoder_lr is not None and self.encoder_lr < 0:
-            raise ValueError(f"encoder_lr={self.encoder_lr}: expected >= 0 (or None for lr)")
-        if self.lr <= 0 or not 0 <= self.warmup_frac < 1:
-            raise ValueError(f"lr={self.lr}, warmup_frac={self.warmup_frac}: expected lr > 0, "
-                             "0 <= warmup_frac < 1")
-        if self.text_history_len > self.history_len:
-            raise ValueError(f"text_history_len={self.text_history_len} exceeds history_len="
-                             f"{self.history_len}: the text history is the most recent part of the history")
-        if self.integration == "text":
-            if self.strategy not in ("full", "lora"):
-                raise ValueError(f"strategy={self.strategy!r}: the TextPrompt baseline (integration='text') "
-                                 "has no encoder or projection; expected 'full' or 'lora'")
-            if self.text_history_len != self.history_len:
-                raise ValueError("integration='text' reads only the text history: expected text_history_len "
-                                 f"== history_len, got {self.text_history_len} and {self.history_len}")
-        elif self.encoder is None:
-            raise ValueError(f"integration={self.integration!r} needs encoder= (a pretraining run directory)")
-        else:
-            self.userllm_config()  # its own checks, before anything is loaded
-
-    def userllm_config(self) -> UserLLMConfig:
-        return UserLLMConfig(llm=self.llm, integration=self.integration, perceiver=self.perceiver,
-                             num_latents=self.num_latents, xattn_layers=self.xattn_layers,
-                             user_tokens=self.user_tokens, strategy=self.strategy)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ContextualizeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown contextualize settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------- data and model
@@ -442,7 +351,7 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
     step, seconds = 0, 0.0
     checkpoint = run_dir / "checkpoint.pt"
     if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=False)
+        state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=True)
         load_trainable_state(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,112 @@
+"""The settings of a contextualization run (its config.json), importable without torch so the CLI can show
+them quickly. The closed sets name what `fed_userllm.tasks.TASKS` and `fed_userllm.models.userllm` implement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fed_userllm.settings import check_choices, from_dict, setting
+
+TASK_NAMES = ("nextitem", "favgenre", "reviewg")
+INTEGRATIONS = ("xattn", "softprompt", "text")  # text: the TextPrompt baseline (no encoder)
+STRATEGIES = ("full", "lora", "enc", "proj")
+USER_TOKENS = ("events", "next_item")
+OBJECTIVES = ("lm", "catalog")
+
+if TYPE_CHECKING:
+    from fed_userllm.models.userllm import UserLLMConfig
+
+
+@dataclass
+class ContextualizeConfig:
+    """Everything a contextualization run depends on (saved as the run's config.json)."""
+
+    encoder: str | None = setting(None, "pretraining run directory (config.json + best/); not used by "
+                                        "--integration text")
+    dataset: str | None = setting(None, "dataset (default: the encoder run's; ml-latest-small without an encoder)")
+    llm: str | None = setting(None, "HF id, local folder or .gguf file (default: the embedded "
+                                    "SmolLM2-135M-Instruct)")
+    task: str = setting("nextitem", "nextitem, favgenre or reviewg (review folders)", TASK_NAMES)
+    integration: str = setting("xattn", "xattn: cross-attention, softprompt: user tokens before the prompt, "
+                                        "text: the TextPrompt baseline (the history as text, no encoder)",
+                               INTEGRATIONS)
+    strategy: str = setting("enc", "what trains: full (everything), lora (LoRA on the LLM + encoder + "
+                                   "projection), enc (encoder + projection, LLM frozen), proj (projection only)",
+                            STRATEGIES)
+    perceiver: bool = setting(True, "compress the event states into --num-latents tokens")
+    num_latents: int = setting(16, "Perceiver latents (user tokens the LLM reads)")
+    xattn_layers: list[int] | None = setting(None, "decoder layers followed by cross-attention, negative from "
+                                                   "the end (default: every 4th)")
+    user_tokens: str = setting("events", "events: one token per event; next_item: the encoder's next-item "
+                                         "vector (needs --no-perceiver)", USER_TOKENS)
+    objective: str = setting("lm", "lm: token cross-entropy; catalog: -log P(title | catalog) from cached text "
+                                   "states (nextitem with xattn only)", OBJECTIVES)
+    history_len: int = setting(50, "events per example (the encoder's input)")
+    text_history_len: int = setting(0, "most recent events also written into the prompt (0: User-LLM only)")
+    review_field: str = setting("text", "ReviewG target: the review text or (Amazon) its summary",
+                                ("text", "summary"))
+    noun: str | None = setting(None, "how prompts call an item (default: movie, item or place by dataset)")
+    steps: int = setting(300, "training steps")
+    batch_size: int = setting(8, "examples per step")
+    micro_batch_size: int = setting(0, "> 0: accumulate gradients over micro-batches of this size (less memory)")
+    lr: float = setting(1e-3, "peak AdamW learning rate (linear warm-up, cosine decay)")
+    encoder_lr: float | None = setting(None, "encoder learning rate (default: --lr); lower keeps a pretrained "
+                                             "encoder while new layers learn fast")
+    weight_decay: float = setting(1e-3, "AdamW weight decay")
+    warmup_frac: float = setting(0.05, "fraction of the steps spent warming up")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off; the catalog objective trains better "
+                                        "without it)")
+    max_target_tokens: int = setting(64, "target tokens kept per example")
+    eval_users: int = setting(100, "size of the fixed random subset of users evaluated (0: skip evaluation)")
+    eval_batch_size: int = setting(8, "prompts per beam search (the KV cache grows with prompt length x beams)")
+    eval_every: int = setting(0, "validate every N steps (0: only at the end)")
+    checkpoint_every: int = setting(50, "write the resumable checkpoint every N steps")
+    seed: int = setting(0, "random seed")
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.objective == "catalog" and (self.task, self.integration, self.text_history_len) != (
+                "nextitem", "xattn", 0):
+            raise ValueError("objective='catalog' scores NextItem titles from cached text states: it needs "
+                             "task='nextitem', integration='xattn', text_history_len=0 (got "
+                             f"{self.task!r}, {self.integration!r}, {self.text_history_len})")
+        for name in ("num_latents", "history_len", "steps", "batch_size", "max_target_tokens",
+                     "eval_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        for name in ("text_history_len", "micro_batch_size", "eval_users", "eval_every", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+        if self.encoder_lr is not None and self.encoder_lr < 0:
+            raise ValueError(f"encoder_lr={self.encoder_lr}: expected >= 0 (or None for lr)")
+        if self.lr <= 0 or not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"lr={self.lr}, warmup_frac={self.warmup_frac}: expected lr > 0, "
+                             "0 <= warmup_frac < 1")
+        if self.text_history_len > self.history_len:
+            raise ValueError(f"text_history_len={self.text_history_len} exceeds history_len="
+                             f"{self.history_len}: the text history is the most recent part of the history")
+        if self.integration == "text":
+            if self.strategy not in ("full", "lora"):
+                raise ValueError(f"strategy={self.strategy!r}: the TextPrompt baseline (integration='text') "
+                                 "has no encoder or projection; expected 'full' or 'lora'")
+            if self.text_history_len != self.history_len:
+                raise ValueError("integration='text' reads only the text history: expected text_history_len "
+                                 f"== history_len, got {self.text_history_len} and {self.history_len}")
+        elif self.encoder is None:
+            raise ValueError(f"integration={self.integration!r} needs encoder= (a pretraining run directory)")
+        else:
+            self.userllm_config()  # its own checks, before anything is loaded
+
+    def userllm_config(self) -> UserLLMConfig:
+        """The UserLLM settings of this run (imported here: reading the settings needs no torch)."""
+        from fed_userllm.models.userllm import UserLLMConfig
+
+        return UserLLMConfig(llm=self.llm, integration=self.integration, perceiver=self.perceiver,
+                             num_latents=self.num_latents, xattn_layers=self.xattn_layers,
+                             user_tokens=self.user_tokens, strategy=self.strategy)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ContextualizeConfig:
+        return from_dict(cls, values, "contextualize")
