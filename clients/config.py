@@ -38,7 +38,8 @@ class FederatedConfig:
     """One federated run. Field ``x_y`` is run-config key ``x-y``."""
 
     phases: str  # comma-separated phase names, run in order
-    popularity_rounds: int  # the popularity phase: releases averaged into the item prior (q = 1 each)
+    popularity_rounds: int  # the popularity phase: releases averaged into the item prior
+    popularity_fraction_train: float  # q of the popularity phase (1: every client in every release)
     dataset: str
     max_len: int
     users_per_client: int
@@ -129,6 +130,7 @@ class FederatedConfig:
         check(bool(self.phase_names), "phases", "at least one phase")
         check(len(set(self.phase_names)) == len(self.phase_names), "phases", "each phase at most once")
         check(self.popularity_rounds >= 1, "popularity-rounds", "an integer >= 1")
+        check(0 < self.popularity_fraction_train <= 1, "popularity-fraction-train", "a client sampling rate q in (0, 1]")
         if "popularity" in self.phase_names:
             check("pretrain" in self.phase_names and self.phase_names.index("popularity")
                   < self.phase_names.index("pretrain"), "phases",
@@ -228,11 +230,12 @@ class FederatedConfig:
     def for_phase(self, name: str) -> FederatedConfig:
         """The settings as phase ``name``'s round loop, strategy and clients see them: contextualize runs
         ``llm-rounds`` rounds at q = ``llm-fraction-train`` with its own learning rates, local steps, batch
-        size and evaluation share; popularity runs ``popularity-rounds`` rounds in which every client takes part
-        (q = 1) and the server averages the releases (server SGD at rate 1/rounds, no momentum); pretrain uses
-        the settings as they are."""
+        size and evaluation share; popularity runs ``popularity-rounds`` rounds at q = ``popularity-fraction-train``
+        and the server averages the releases (server SGD at rate 1/rounds, no momentum); pretrain uses the
+        settings as they are."""
         if name == "popularity":
-            return replace(self, num_rounds=self.popularity_rounds, fraction_train=1.0, strategy="fedavgm",
+            return replace(self, num_rounds=self.popularity_rounds, fraction_train=self.popularity_fraction_train,
+                           strategy="fedavgm",
                            server_lr=1.0 / self.popularity_rounds, server_momentum=0.0,
                            server_lr_schedule="constant", eval_every=0)
         if name != "contextualize":

@@ -123,7 +123,7 @@ def item_prior(run_dir: Path, cfg: FederatedConfig) -> torch.Tensor:
     release = Popularity.from_pretrained(run_dir / PHASES["popularity"].output)
     saved = _read_json(run_dir / "config.json")
     sigma, n = saved["privacy"]["noise_multiplier"], saved["num_clients"]
-    noise_std = sigma * cfg.clip_norm / (n * math.sqrt(cfg.popularity_rounds))
+    noise_std = sigma * cfg.clip_norm / (cfg.popularity_fraction_train * n * math.sqrt(cfg.popularity_rounds))
     floor = 0.5 * noise_std if noise_std > 0 else 1e-3 * cfg.clip_norm / n
     return release.log_prior(floor)
 

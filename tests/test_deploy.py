@@ -24,7 +24,9 @@ from fed_userllm.deploy import LocalDeployment, free_port, make_supernode_keys
 
 NODES = 3
 TINY = (f"dataset='synthetic:users={NODES},items=40,genres=4,events=12' max-len=8 d-model=16 n-layers=1 "
-        "item-dim=8 batch-size=4 eval-fraction=1.0 dp='user' fraction-train=1.0 phases='pretrain'")
+        "item-dim=8 batch-size=4 eval-fraction=1.0 dp='user' fraction-train=1.0 phases='pretrain'"
+        " item-features='learned' local-steps=0 server-lr=0.1 server-tau=0.001 noise-multiplier=1.0"
+        " target-epsilon=0.0 lr=0.5")
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(not (BIN / "flower-supernode").exists(), reason="flwr is not installed")
 

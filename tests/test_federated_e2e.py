@@ -26,7 +26,9 @@ USERS = 12
 TINY = (f"dataset='synthetic:users={USERS},items=40,genres=4,events=12' max-len=8 d-model=16 n-layers=1 "
         "item-dim=8 num-rounds=2 batch-size=4 eval-every=1 eval-fraction=0.5 dp='user' fraction-train=0.5 "
         "phases='pretrain,contextualize' llm-rounds=1 llm-fraction-train=0.5 llm-local-steps=2 llm-batch-size=2 "
-        "llm-eval-fraction=0.25")
+        "llm-eval-fraction=0.25"
+        " item-features='learned' local-steps=0 server-lr=0.1 server-tau=0.001 noise-multiplier=1.0 target-epsilon=0.0"
+        " lr=0.5")
 
 
 def free_port() -> int:
