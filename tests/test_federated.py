@@ -30,7 +30,7 @@ from fed_userllm.privacy import LedgerError, audit
 from fed_userllm.server import runner
 from fed_userllm.server.local_grid import LocalGrid, app_defaults
 from fed_userllm.server.runner import PHASES, run
-from fed_userllm.server.strategy import build_strategy
+from fed_userllm.server.strategy import build_strategy, load_strategy_state, strategy_state
 
 DEFAULTS = app_defaults()
 USERS = 12
@@ -190,6 +190,31 @@ def test_fedadam_takes_its_adam_step_on_the_dp_average(tmp_path):
         m, v = 0.1 * average, 0.01 * average ** 2  # first moments after one step (beta1=0.9, beta2=0.99)
         np.testing.assert_allclose(new[key].numpy(), base + eta_norm * m / (np.sqrt(v) + tau), rtol=1e-4,
                                    atol=1e-6)
+
+
+def test_fedavgm_takes_a_server_sgd_step_on_the_dp_average_and_keeps_its_momentum(tmp_path):
+    """Server SGD with momentum: round 1 moves by lr x the DP average; the momentum buffer is that average and
+    survives a resume (strategy_state / load_strategy_state)."""
+    config = run_config(tmp_path, server_lr=3.0)
+    q = 0.5
+    arrays, replies, new = client_round(config, q=q, dp="user", strategy="fedavgm")
+    cfg = FederatedConfig.from_run_config({**config, "strategy": "fedavgm"})
+    for key in arrays.keys():
+        base = arrays[key].numpy().astype(np.float64)
+        average = sum(r.content["arrays"][key].numpy() - base for r in replies) / (q * USERS)
+        np.testing.assert_allclose(new[key].numpy(), base + 3.0 * average, rtol=1e-4, atol=1e-6)
+    strategy = build_strategy(cfg, seed=3, noise_multiplier=0.0)
+    strategy.momentum_vector = [np.ones(2)]
+    fresh = build_strategy(cfg, seed=3, noise_multiplier=0.0)
+    load_strategy_state(fresh, strategy_state(strategy))
+    assert np.array_equal(fresh.momentum_vector[0], np.ones(2))
+
+
+def test_fedadam_tau_is_the_configured_adaptivity_floor(tmp_path):
+    cfg = FederatedConfig.from_run_config({**run_config(tmp_path), "strategy": "fedadam", "server-tau": 0.05})
+    assert build_strategy(cfg, seed=3, noise_multiplier=0.0).tau == 0.05
+    with pytest.raises(ValueError, match="server-tau"):
+        FederatedConfig.from_run_config({**run_config(tmp_path), "server-tau": 0.0})
 
 
 def test_poisson_cohorts_are_seeded_and_vary_in_size(tmp_path):
