@@ -130,7 +130,8 @@ class FederatedConfig:
         check(bool(self.phase_names), "phases", "at least one phase")
         check(len(set(self.phase_names)) == len(self.phase_names), "phases", "each phase at most once")
         check(self.popularity_rounds >= 1, "popularity-rounds", "an integer >= 1")
-        check(0 < self.popularity_fraction_train <= 1, "popularity-fraction-train", "a client sampling rate q in (0, 1]")
+        check(0 < self.popularity_fraction_train <= 1, "popularity-fraction-train",
+              "a client sampling rate q in (0, 1]")
         if "popularity" in self.phase_names:
             check("pretrain" in self.phase_names and self.phase_names.index("popularity")
                   < self.phase_names.index("pretrain"), "phases",
