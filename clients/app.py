@@ -106,18 +106,17 @@ def train_pretrain(message: Message, context: Context) -> Message:
     seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), client.partition_id])
                .generate_state(1)[0])
     sigma, delta = float(config["noise-multiplier"]), float(config["delta"])
-    if cfg.dp == "sample":
-        history = _dp_sgd_history(context, cfg, client, sigma, delta)
+    history = _dp_sgd_history(context, cfg, client, sigma, delta) if cfg.dp == "sample" else None
     result = train_local(model, client.seq, client.users, cfg, seed, sigma, client.device)
-    if cfg.dp != "sample":
+    if history is None:
         metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "steps": result.steps}
-        return Message(RecordDict({"arrays": get_arrays(model), "metrics": MetricRecord(metrics)}), reply_to=message)
-    if (result.sample_rate, result.steps) != tuple(history[-1][1:]):
-        raise RuntimeError(f"DP-SGD took {result.steps} steps at rate {result.sample_rate}, planned "
-                           f"{history[-1][2]} at {history[-1][1]}: the budget check did not see this round")
-    context.state["dp-sgd"] = ConfigRecord({key: [entry[i] for entry in history]
-                                            for i, key in enumerate(("sigma", "q", "steps"))})
-    metrics = {"partition-id": client.partition_id, "dp-sample-rate": result.sample_rate, "steps": result.steps}
+    else:
+        if (result.sample_rate, result.steps) != history[-1][1:]:
+            raise RuntimeError(f"DP-SGD took {result.steps} steps at rate {result.sample_rate}, planned "
+                               f"{history[-1][2]} at {history[-1][1]}: the budget check did not see this round")
+        context.state["dp-sgd"] = ConfigRecord({"sigma": [h[0] for h in history], "q": [h[1] for h in history],
+                                                "steps": [h[2] for h in history]})
+        metrics = {"partition-id": client.partition_id, "dp-sample-rate": result.sample_rate, "steps": result.steps}
     return Message(RecordDict({"arrays": get_arrays(model), "metrics": MetricRecord(metrics)}), reply_to=message)
 
 
