@@ -10,10 +10,9 @@ cosines (s pooled) and reports the epsilon of the Gaussian mechanism with mu = |
 Wang's analytic formula), which converges to the mechanism's true epsilon. A percentile bootstrap over the
 canaries gives the confidence interval.
 
-One spread, not one per set: at delta = 1e-5 the epsilon of two Gaussians of unequal spread is dominated by
-their tails, so the sampling error of two separately fitted spreads alone (a few percent with 100 canaries)
-reads as epsilon 1 to 5 when nothing leaks. The shared spread is the mechanism's own structure and keeps the
-estimate near 0 then.
+One spread, not one per set: at a small delta the epsilon of two Gaussians of unequal spread is dominated by
+their tails, so the sampling error of two separately fitted spreads alone reads as a sizeable epsilon when
+nothing leaks. The shared spread is the mechanism's own structure and keeps the estimate near 0 then.
 
 It is an estimate for an adversary who sees only the final model, not a bound: it can show that a run leaks
 more than its accountant claims (an interval wholly above the bound), never prove that it leaks less.
