@@ -6,7 +6,8 @@ Handlers by message type (``<category>.<phase>``), so later phases add their own
 - ``train.popularity``: the client's unit-norm vector of the items its users rated (the item-prior release);
 - ``evaluate.popularity``: hit counts of the released popularity scores;
 - ``train.pretrain``: train the received encoder on the client's own windows; reply with the new parameters
-  and counts;
+  and counts (under DP-SGD only what the accounting needs, and an error instead of a round that would take
+  the client past ``target-epsilon``);
 - ``evaluate.pretrain``: score the client's own validation or test targets; reply with hit counts;
 - ``train.contextualize``: a few local steps of the User-LLM's trainable part (encoder + projection +
   cross-attention) on the client's own task examples, the LLM frozen and never sent; reply with exactly
@@ -15,7 +16,10 @@ Handlers by message type (``<category>.<phase>``), so later phases add their own
   own validation or test targets; reply with hit counts.
 
 Replies carry model tensors (an ArrayRecord of exactly the model's parameters) and one MetricRecord of
-scalar counts and means. No item id, window, history or per-example value ever leaves the client.
+scalar counts and means. No item id, window, history or per-example value ever leaves the client. Under
+``dp='sample'`` the server is the adversary: a training reply carries the model and the client's DP-SGD
+(sample rate, steps) only, and the server runs no federated evaluation (exact hits would reveal each
+client's held-out item).
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from fed_userllm.clients.task import (
     evaluate_local,
     get_arrays,
     load_data,
+    local_plan,
     popularity_update,
     set_arrays,
     train_local,
 )
 from fed_userllm.data import Partitioner, UserSequences
 from fed_userllm.models import Popularity, PopularityConfig
-from fed_userllm.privacy import epsilon_from_history
+from fed_userllm.privacy import PrivacyBudgetExceeded, epsilon_from_history
 from fed_userllm.runtime import resolve_device, set_threads
 
 # Opacus reminds on every client that its RNG is not cryptographic and that hooks fire; both are known.
@@ -83,30 +88,39 @@ def describe(message: Message, context: Context) -> Message:
 
     The number of partitions and the vocabulary sizes are the same on every client. The vocabularies come
     from the public catalog and the fixed rating buckets, never from events, so nothing private is released.
+    ``num-examples`` (training windows of the whole federation, sample-level DP's delta) is treated as public
+    like the number of clients.
     """
     cfg = FederatedConfig.from_run_config(dict(context.run_config))
     seq = load_data(cfg.dataset, cfg.max_len)
     info = {"num-clients": Partitioner(seq.num_users, cfg.users_per_client).num_clients,
+            "num-examples": len(seq.windows()),
             **{f"vocab-{name}": size for name, size in seq.vocab_sizes.items()}}
     return Message(RecordDict({"federation": MetricRecord(info)}), reply_to=message)
 
 
 @app.train("pretrain")
 def train_pretrain(message: Message, context: Context) -> Message:
-    """Local training of the user encoder; reply: parameters + {num-examples, train-loss, steps[, DP-SGD]}."""
+    """Local training of the user encoder; reply: parameters + {num-examples, train-loss, steps}, or under
+    DP-SGD parameters + {partition-id, dp-sample-rate, steps} (what the ledger needs, nothing else)."""
     client = _Client(context)
     cfg, config = client.cfg, message.content["config"]
     model = client.model(message)
     seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), client.partition_id])
                .generate_state(1)[0])
-    result = train_local(model, client.seq, client.users, cfg, seed, float(config["noise-multiplier"]),
-                         client.device)
-    metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "steps": result.steps}
-    if cfg.dp == "sample":
-        metrics |= _account_dp_sgd(context, cfg, client.partition_id, float(config["noise-multiplier"]),
-                                   result.sample_rate, result.steps, float(config["delta"]))
-    content = RecordDict({"arrays": get_arrays(model), "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=message)
+    sigma, delta = float(config["noise-multiplier"]), float(config["delta"])
+    history = _dp_sgd_history(context, cfg, client, sigma, delta) if cfg.dp == "sample" else None
+    result = train_local(model, client.seq, client.users, cfg, seed, sigma, client.device)
+    if history is None:
+        metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "steps": result.steps}
+    else:
+        if (result.sample_rate, result.steps) != history[-1][1:]:
+            raise RuntimeError(f"DP-SGD took {result.steps} steps at rate {result.sample_rate}, planned "
+                               f"{history[-1][2]} at {history[-1][1]}: the budget check did not see this round")
+        context.state["dp-sgd"] = ConfigRecord({"sigma": [h[0] for h in history], "q": [h[1] for h in history],
+                                                "steps": [h[2] for h in history]})
+        metrics = {"partition-id": client.partition_id, "dp-sample-rate": result.sample_rate, "steps": result.steps}
+    return Message(RecordDict({"arrays": get_arrays(model), "metrics": MetricRecord(metrics)}), reply_to=message)
 
 
 @app.evaluate("pretrain")
@@ -170,18 +184,23 @@ def evaluate_contextualize(message: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=message)
 
 
-def _account_dp_sgd(context: Context, cfg: FederatedConfig, partition_id: int, noise_multiplier: float,
-                    sample_rate: float, steps: int, delta: float) -> dict:
-    """This client's DP-SGD epsilon over all its rounds so far (history kept in the node's local state).
+def _dp_sgd_history(context: Context, cfg: FederatedConfig, client: _Client, noise_multiplier: float,
+                    delta: float) -> list[tuple[float, float, int]]:
+    """This client's DP-SGD history [(sigma, q, steps), ...] including the round it is about to train, checked
+    against ``target-epsilon`` before it trains: a round that would exceed it raises instead (an error reply,
+    so nothing trained past the budget ever leaves the device).
 
-    The server's ledger recomputes the same figure from the (sample rate, steps) reported here, keyed by
-    partition-id, which also survives a resumed run (local state does not).
+    The history lives in the node's local state (the client's own ledger for this run); the server's ledger
+    recomputes the same figures from the (sample rate, steps) the replies carry, keyed by partition-id.
     """
     state = context.state.get("dp-sgd", ConfigRecord({"sigma": [], "q": [], "steps": []}))
-    state["sigma"] = [*state["sigma"], noise_multiplier]
-    state["q"] = [*state["q"], sample_rate]
-    state["steps"] = [*state["steps"], steps]
-    context.state["dp-sgd"] = state
     history = list(zip(state["sigma"], state["q"], state["steps"], strict=True))
-    return {"partition-id": partition_id, "dp-sample-rate": sample_rate,
-            "epsilon": epsilon_from_history(history, delta, cfg.accountant)}
+    sample_rate, steps = local_plan(len(client.seq.windows(client.users)), cfg)
+    history.append((noise_multiplier, sample_rate, steps))
+    if cfg.target_epsilon:
+        spent = epsilon_from_history(history, delta, cfg.accountant)
+        if spent > cfg.target_epsilon:
+            raise PrivacyBudgetExceeded(
+                f"client {client.partition_id} refuses round {len(history)}: its DP-SGD epsilon would reach "
+                f"{spent:.4g} > target-epsilon={cfg.target_epsilon} (delta={delta:.3g})")
+    return history

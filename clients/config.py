@@ -81,9 +81,11 @@ class FederatedConfig:
     noise_multiplier: float
     clip_norm: float  # user DP: L2 bound of a client's update; sample DP: per-example gradient bound
     target_epsilon: float  # > 0: calibrate noise_multiplier to this budget and never exceed it
-    target_delta: float  # 0: the default 1 / N**1.1 for N clients
+    target_delta: float  # 0: the default min(1e-5, 1 / N**1.1), N clients (user DP) or training windows (sample DP)
     accountant: str
     dp_seed: int  # 0: a secret seed from the OS for cohort sampling and DP noise
+    canaries: int  # user DP: canary clients inserted per phase for the empirical audit (0: none)
+    max_update_norm: float  # a client update (local - global) with a larger L2 norm is a failed client
     eval_every: int  # evaluate on validation targets every k rounds (0: only the final test evaluation)
     eval_fraction: float  # share of clients in an intermediate validation evaluation
     test_fraction: float  # share of clients in the final test evaluation (1: every client)
@@ -155,7 +157,7 @@ class FederatedConfig:
         for key in ("max-len", "users-per-client", "d-model", "n-layers", "n-heads", "item-dim", "num-rounds",
                     "local-epochs", "batch-size", "threads"):
             check(getattr(self, key.replace("-", "_")) >= 1, key, "an integer >= 1")
-        for key in ("local-steps", "eval-every", "dp-seed", "max-in-flight"):
+        for key in ("local-steps", "eval-every", "dp-seed", "max-in-flight", "canaries"):
             check(getattr(self, key.replace("-", "_")) >= 0, key, "an integer >= 0")
         check(self.d_model % self.n_heads == 0, "d-model", f"a multiple of n-heads={self.n_heads}")
         check(0 <= self.dropout < 1, "dropout", "0 <= dropout < 1")
@@ -164,7 +166,7 @@ class FederatedConfig:
         check(0 < self.test_fraction <= 1, "test-fraction", "a share of clients in (0, 1]")
         check(0 <= self.max_failure_fraction < 1, "max-failure-fraction", "a share of the cohort in [0, 1)")
         check(0 <= self.fault_rate < 1, "fault-rate", "a probability in [0, 1)")
-        for key in ("lr", "server-lr", "round-timeout"):
+        for key in ("lr", "server-lr", "round-timeout", "max-update-norm"):
             value = getattr(self, key.replace("-", "_"))
             check(value > 0 and math.isfinite(value), key, "a finite number > 0")
         check(0 <= self.server_momentum < 1, "server-momentum", "a momentum in [0, 1)")
@@ -174,7 +176,7 @@ class FederatedConfig:
         check(self.clip_norm > 0, "clip-norm", "a number > 0 (inf disables clipping when dp='none')")
         check(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon), "target-epsilon",
               "0 (no target) or a finite epsilon > 0")
-        check(0 <= self.target_delta < 1, "target-delta", "0 (default 1/N**1.1) or a delta in (0, 1)")
+        check(0 <= self.target_delta < 1, "target-delta", "0 (default min(1e-5, 1/N**1.1)) or a delta in (0, 1)")
         if self.dp != "none":
             check(math.isfinite(self.clip_norm), "clip-norm", f"a finite bound when dp={self.dp!r}")
             check(self.noise_multiplier > 0 or self.target_epsilon > 0, "noise-multiplier",

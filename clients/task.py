@@ -106,6 +106,13 @@ class LocalResult:
     sample_rate: float  # DP-SGD Poisson rate (1/batches per epoch); 1.0 without DP-SGD
 
 
+def local_plan(num_windows: int, cfg: FederatedConfig) -> tuple[float, int]:
+    """(DP-SGD sample rate, optimizer steps) of a client's round on ``num_windows`` windows, known before it
+    trains: Opacus samples each window with probability 1 / (batches per epoch)."""
+    batches = math.ceil(num_windows / cfg.batch_size)
+    return 1 / batches, cfg.local_steps or cfg.local_epochs * batches
+
+
 def train_local(model: torch.nn.Module, seq: UserSequences, users: np.ndarray, cfg: FederatedConfig,
                 seed: int, noise_multiplier: float, device: torch.device) -> LocalResult:
     """Train on the clients' own windows with SGD: ``local_steps`` steps if > 0, else ``local_epochs`` epochs.
@@ -119,7 +126,7 @@ def train_local(model: torch.nn.Module, seq: UserSequences, users: np.ndarray, c
         raise ValueError(f"users {users.tolist()} have no training windows (each needs >= 4 events)")
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    total = cfg.local_steps or cfg.local_epochs * math.ceil(len(windows) / cfg.batch_size)
+    _, total = local_plan(len(windows), cfg)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     loader, sample_rate = None, 1.0

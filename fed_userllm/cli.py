@@ -87,11 +87,26 @@ def _audit(args: argparse.Namespace) -> int:
 
     report = audit(args.run_dir, expected_head_hash=args.head)
     text, as_json = report.to_text(), report.to_json()
+    failed = not report.ok
+    if args.empirical:
+        from fed_userllm.privacy.canaries import empirical_audit
+
+        phases = empirical_audit(args.run_dir)
+        failed |= any(p.exceeds_bound for p in phases)
+        text += "\nEmpirical privacy (one-shot canary audit; an estimate for the final model, not a bound):\n"
+        text += "\n".join(p.to_text() for p in phases)
+        as_json = json.dumps({**json.loads(as_json), "empirical": [p.to_dict() for p in phases]}, indent=2)
     print(as_json if args.json else text)
     if Path(args.run_dir).is_dir():
         atomic_write_bytes(Path(args.run_dir) / "privacy_audit.json", as_json.encode())
         atomic_write_bytes(Path(args.run_dir) / "privacy_audit.txt", text.encode())
-    return 0 if report.ok else 1
+    return 1 if failed else 0
+
+
+def _release(args: argparse.Namespace) -> None:
+    from fed_userllm.server.release import release
+
+    print(f"released {args.run_dir} -> {release(args.run_dir, args.out)}")
 
 
 def _contextualize(args: argparse.Namespace) -> None:
@@ -264,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--json", action=argparse.BooleanOptionalAction, default=False, help="print JSON instead of text")
     au.add_argument("--head", default=None, help="expected ledger head hash, kept outside the run directory "
                                                  "(default: not checked)")
+    au.add_argument("--empirical", action=argparse.BooleanOptionalAction, default=False,
+                    help="also estimate epsilon from the run's canaries (one-shot audit) beside the bound")
+
+    rel = _add_command(commands, "release", _release, "copy out of a finished DP run only what its (epsilon, "
+                                                      "delta) covers", verbose)
+    rel.add_argument("run_dir", help="Flower run directory")
+    rel.add_argument("--out", required=True, help="new folder for the public release")
 
     ctx = _add_command(commands, "contextualize", _contextualize, "train User-LLM (frozen LLM + encoder + "
                                                                   "projection) on a task", verbose)

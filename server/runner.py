@@ -6,20 +6,29 @@ phases of a run share the run directory, the clients, the strategy settings and 
 epsilon keeps adding up across phases.
 
 One round, in write-ahead order (nothing is released before it is charged):
-  Poisson cohort -> clients train -> aggregate (DP-FedAvg under user-level DP) -> ledger line ->
-  (every ``eval-every`` rounds) sampled clients score their validation targets -> metrics.jsonl -> checkpoint.
+  Poisson cohort -> clients train -> replies checked (`fed_userllm.server.replies`: a malformed or
+  non-finite one is a failed client) -> aggregate (DP-FedAvg under user-level DP), checked finite ->
+  ledger line -> (every ``eval-every`` rounds) sampled clients score their validation targets ->
+  metrics.jsonl -> checkpoint.
 A crash before the ledger line leaves no trace: the resumed run redoes the round with the same cohort and
-noise. A crash after it makes the resumed run charge the redone round again (over-, never under-counted).
+noise. A crash after it (charged, not checkpointed) leaves a pending line holding the round's release digest
+(`fed_userllm.privacy.release_digest`: a keyed hash of the released tensors, the cohort, who succeeded and
+the attempt). The resumed run reuses that charge only if its redone round is bit-identical; any other
+release (other clients succeeded, another attempt, a changed model) is charged again: over-, never
+under-counted.
 
-The server never loads user histories: it learns the partition count and vocabulary sizes from one client
-(``query.describe``), and otherwise sees only model tensors and aggregate counts.
+The server never loads user histories: it learns the partition count, the number of training windows and
+the vocabulary sizes from one client (``query.describe``), and otherwise sees only model tensors and counts.
 
 Run directory: config.json, metrics.jsonl, checkpoint.pt (latest round, atomic), privacy_ledger.jsonl and
-privacy_report.txt (DP runs), final/ (save_pretrained), results.json (final test metrics), *.png.
+privacy_report.txt (DP runs), final/ and userllm/ (save_pretrained), results.json (final test metrics),
+*.png, canaries/ (user DP with canaries), and OPERATOR-PRIVATE.md, which says which of these files the DP
+guarantee does not cover. `fed-userllm release` (`fed_userllm.server.release`) copies out what it covers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import secrets
@@ -43,6 +52,7 @@ from fed_userllm.models import Popularity, PopularityConfig
 from fed_userllm.privacy import (
     SAMPLE_LEVEL,
     USER_LEVEL,
+    Canaries,
     LedgerConfig,
     LedgerError,
     PrivacyBudgetExceeded,
@@ -50,9 +60,11 @@ from fed_userllm.privacy import (
     audit,
     calibrate_noise,
     calibrate_noise_for_plan,
+    canary_seed,
     default_delta,
     epsilon_from_history,
     max_rounds_within_budget,
+    release_digest,
 )
 from fed_userllm.privacy.ledger import read_ledger
 from fed_userllm.runtime import (
@@ -63,6 +75,7 @@ from fed_userllm.runtime import (
     set_threads,
 )
 from fed_userllm.server.plots import plot_run
+from fed_userllm.server.replies import required_metrics, train_reply_problem
 from fed_userllm.server.strategy import (
     build_strategy,
     get_server_lr,
@@ -76,6 +89,29 @@ from fed_userllm.server.strategy import (
 RESUMABLE = ("resume", "run_dir", "round_timeout", "max_in_flight", "threads", "device")
 RETRIES = 2  # on-short-round="retry": fresh cohorts tried before the run stops
 METRIC_ORDER = ("recall@1", "recall@5", "recall@10", "ndcg@10", "fav_genre", "n")
+OPERATOR_PRIVATE = "OPERATOR-PRIVATE.md"
+OPERATOR_PRIVATE_TEXT = """\
+# Operator-private: do not publish this folder
+
+This run's (epsilon, delta) (privacy_ledger.jsonl, `fed-userllm audit RUN_DIR`) covers the models it released
+and nothing else. `fed-userllm release RUN_DIR --out DIR` writes the public part once the run has finished and
+its audit passes: the final model folders (final/, userllm/), the public config (config.json without dp-seed),
+the privacy ledger and the audit. Everything else here is operator-private:
+
+- metrics.jsonl: exact per-round client training losses, example and step counts, cohort sizes (sampled,
+  succeeded, failed), update norms and clipped share, canaries inserted, validation metrics, timings;
+- results.json: exact federated evaluation, the clients' hits on their held-out targets summed (Recall@k says
+  whether, NDCG@10 where, each held-out item ranked);
+- metrics.png, epsilon.png: plots of metrics.jsonl;
+- checkpoint.pt: while the run is unfinished, the secret DP seed: whoever holds it can subtract the noise;
+- config.json: the settings, with dp-seed (the release drops it; a fixed dp-seed voids the guarantee);
+- canaries/: the empirical audit's canary seed and each phase's initial and final tensors (read by
+  `fed-userllm audit RUN_DIR --empirical`; they may be deleted after it).
+
+Trust model: under dp='user' the server is trusted: it clips, so it sees each sampled client's update, and the
+guarantee covers what leaves the server. Under dp='sample' it is not: clients send only their DP-SGD models and
+what the accounting needs, and no federated evaluation runs.
+"""
 
 
 @dataclass(frozen=True)
@@ -146,6 +182,7 @@ class Federation:
 
     nodes: list[int]
     num_clients: int
+    num_examples: int  # training windows of the whole federation (sample-level DP's unit)
     vocab_sizes: dict[str, int]
 
 
@@ -159,13 +196,18 @@ class Privacy:
     max_rounds: int | None  # user-level DP with a target epsilon: rounds the budget affords
 
 
+NO_EVALUATION = ("not run under dp='sample': the server is the adversary there, and exact hit counts would "
+                 "reveal each client's held-out item; evaluate the released model on data you hold")
+
+
 def run(grid: Grid, cfg: FederatedConfig) -> Path:
     """Run every phase of ``cfg`` (or resume them) and return the run directory."""
     set_threads(cfg.threads)
     run_dir = resolve_run_dir(cfg)
     federation = describe_federation(grid, cfg)
-    privacy = resolve_privacy(cfg, federation.num_clients)
+    privacy = resolve_privacy(cfg, federation)
     write_or_check_config(run_dir, cfg, federation, privacy)
+    atomic_write_bytes(run_dir / OPERATOR_PRIVATE, OPERATOR_PRIVATE_TEXT.encode())
     ckpt = _load_checkpoint(run_dir)
     ledger = open_ledger(run_dir, cfg, federation, privacy, ckpt.get("ledger_head"))
     state = RunState(grid, cfg, run_dir, federation, privacy, ledger,
@@ -186,7 +228,8 @@ def run(grid: Grid, cfg: FederatedConfig) -> Path:
     log(INFO, "fed-userllm:   metrics  %s (plots: %s)", run_dir / "metrics.jsonl",
         ", ".join(p.name for p in plots))
     for name, test in results.items():
-        log(INFO, "fed-userllm:   results  %s [%s, test] %s", run_dir / "results.json", name, _fmt(test))
+        log(INFO, "fed-userllm:   results  %s [%s, test] %s (operator-private)", run_dir / "results.json", name,
+            _fmt(test) if test is not None else NO_EVALUATION)
     for name in cfg.phase_names:
         log(INFO, "fed-userllm:   model    %s [%s]", run_dir / PHASES[name].output, name)
     if state.ledger is not None:
@@ -194,6 +237,8 @@ def run(grid: Grid, cfg: FederatedConfig) -> Path:
         report.write_text(audit(run_dir).to_text() + "\n")
         log(INFO, "fed-userllm:   privacy  %s (ledger %s): epsilon %.4g at delta %.3g", report,
             state.ledger.path, state.ledger.epsilon, privacy.delta)
+        log(INFO, "fed-userllm:   public   `fed-userllm release %s --out DIR` writes what the epsilon covers; the "
+            "rest of the run directory is operator-private (%s)", run_dir, OPERATOR_PRIVATE)
     return run_dir
 
 
@@ -211,14 +256,26 @@ class RunState:
     completed: list[str]  # phases finished in this run directory
     pending_charge: dict | None = None  # a ledger round charged after the last checkpoint (a crash)
 
-    def run_phase(self, phase: Phase, ckpt: dict) -> dict[str, float]:
-        """Train ``phase`` for ``num-rounds`` rounds (continuing a checkpoint of it); return test metrics."""
+    @property
+    def federated_evaluation(self) -> bool:
+        """Clients score their held-out targets for the server, except under DP-SGD (the server is the adversary)."""
+        return self.cfg.dp != "sample"
+
+    def run_phase(self, phase: Phase, ckpt: dict) -> dict[str, float] | None:
+        """Train ``phase`` for ``num-rounds`` rounds (continuing a checkpoint of it); return test metrics (None
+        without federated evaluation)."""
         cfg = self.cfg.for_phase(phase.name)
         model = phase.build_model(cfg, self.federation.vocab_sizes, self.run_dir)
         arrays = get_arrays(model)
         sizes = _exchange_sizes(phase, cfg, model, arrays, len(self.federation.nodes))
         strategy = build_strategy(cfg, _phase_seed(self.dp_seed, phase.name), self.privacy.noise_multiplier)
         strategy.message_type = phase.train_type
+        initial = {k: v.numpy() for k, v in arrays.items()}
+        canaries = None
+        if cfg.canaries and self.privacy.mechanism == USER_LEVEL:
+            canaries = Canaries.for_arrays(canary_seed(self.dp_seed, phase.name), cfg.canaries, initial,
+                                           cfg.clip_norm, cfg.fraction_train)
+            strategy.canaries = canaries
         done = 0
         if ckpt.get("phase") == phase.name:
             arrays = ArrayRecord({k: Array(v) for k, v in ckpt["arrays"].items()})
@@ -240,7 +297,7 @@ class RunState:
             arrays, record = outcome
             lr = get_server_lr(strategy)
             record |= sizes | ({"server_lr": lr} if lr is not None else {})
-            if cfg.eval_every and rnd % cfg.eval_every == 0:
+            if cfg.eval_every and rnd % cfg.eval_every == 0 and self.federated_evaluation:
                 eval_began = time.time()
                 val, (sent, received) = self.evaluate(phase, arrays, eval_nodes, "val", rnd)
                 record["eval_seconds"] = time.time() - eval_began
@@ -254,11 +311,20 @@ class RunState:
             log(INFO, "fed-userllm: [%s] round %d/%d: %s", phase.name, rnd, cfg.num_rounds, _fmt(record))
         set_arrays(model, arrays)
         model.save_pretrained(self.run_dir / phase.output)
-        test_nodes = _sample_nodes(self.federation.nodes, cfg.test_fraction, cfg.seed, 3)
-        test, _ = self.evaluate(phase, arrays, test_nodes, "test", cfg.num_rounds)
-        atomic_write_json(self.run_dir / "results.json",
-                          _read_json(self.run_dir / "results.json") | {phase.name: {"test": test}})
-        log(INFO, "fed-userllm: [%s] final test over %d users: %s", phase.name, int(test["n"]), _fmt(test))
+        if canaries is not None:
+            canaries.save(self.run_dir, phase.name, initial, {k: v.numpy() for k, v in arrays.items()})
+        test = None
+        if self.federated_evaluation:
+            test_nodes = _sample_nodes(self.federation.nodes, cfg.test_fraction, cfg.seed, 3)
+            test, _ = self.evaluate(phase, arrays, test_nodes, "test", cfg.num_rounds)
+            log(INFO, "fed-userllm: [%s] final test over %d users (operator-private, not covered by DP): %s",
+                phase.name, int(test["n"]), _fmt(test))
+        else:
+            log(WARNING, "fed-userllm: [%s] federated evaluation %s", phase.name, NO_EVALUATION)
+        privacy = ("operator-private: exact federated evaluation, not covered by the DP guarantee"
+                   if test is not None else NO_EVALUATION)
+        atomic_write_json(self.run_dir / "results.json", _read_json(self.run_dir / "results.json")
+                          | {phase.name: {"test": test, "privacy": privacy}})
         self.completed.append(phase.name)
         self.checkpoint(_load_checkpoint(self.run_dir))
         return test
@@ -278,11 +344,14 @@ class RunState:
             strategy.attempt = attempt
             messages = list(strategy.configure_train(rnd, arrays, train_config, self.grid))
             replies = sorted(self.exchange(messages), key=lambda m: m.metadata.src_node_id)  # fixed sum order
+            ok = []
             for r in replies:
-                if r.has_error():
-                    log(WARNING, "fed-userllm: round %d: node %d failed: %s", rnd, r.metadata.src_node_id,
-                        r.error.reason)
-            ok = [r for r in replies if not r.has_error()]
+                problem = r.error.reason if r.has_error() else train_reply_problem(
+                    r, arrays, required_metrics(self.cfg.dp), self.cfg.max_update_norm)
+                if problem is None:
+                    ok.append(r)
+                else:
+                    log(WARNING, "fed-userllm: round %d: node %d failed: %s", rnd, r.metadata.src_node_id, problem)
             record = {"phase": phase.name, "round": rnd, "clients_sampled": len(messages),
                       "clients_succeeded": len(ok), "clients_failed": len(messages) - len(ok),
                       "attempts": attempt + 1, **_train_metrics(ok)}
@@ -300,18 +369,28 @@ class RunState:
                                    f"{self.cfg.max_failure_fraction}, on-short-round={policy}); stopping. The "
                                    "last checkpoint is intact: fix the clients and resume")
         new_arrays, _ = strategy.aggregate_train(rnd, ok)
+        released = arrays if new_arrays is None else _cast_like(new_arrays, arrays)
+        if not all(np.isfinite(a.numpy()).all() for a in released.values()):
+            raise RuntimeError(f"round {rnd}: the aggregated model holds NaN or infinite values although every "
+                               "aggregated reply was finite; nothing of this round was charged or released. The "
+                               "last checkpoint is intact")
         if self.ledger is not None:
+            digest = release_digest(
+                _ledger_key(self.dp_seed), {k: v.numpy() for k, v in released.items()}, phase=phase.name,
+                round=rnd, attempt=attempt, cohort=sorted(m.metadata.dst_node_id for m in messages),
+                succeeded=[r.metadata.src_node_id for r in ok])
             try:
-                record |= self.charge(len(messages), ok, strategy.fraction_train, phase.name)
+                record |= self.charge(ok, strategy.fraction_train, phase.name, digest)
             except PrivacyBudgetExceeded as err:
                 log(WARNING, "fed-userllm: round %d is not released: %s", rnd, err)
                 return None
         if (stats := getattr(strategy, "last_stats", None)) is not None:
             record |= {"update_norm_mean": float(np.mean(stats.update_norms or [0.0])),
-                       "fraction_clipped": stats.fraction_clipped, "noise_std": stats.noise_std}
+                       "fraction_clipped": stats.fraction_clipped, "noise_std": stats.noise_std,
+                       "canaries_inserted": strategy.last_canaries}
         record |= {"bytes_sent": sum(_payload_bytes(m.content) for m in messages),
                    "bytes_received": sum(_payload_bytes(r.content) for r in ok)}
-        return (arrays if new_arrays is None else _cast_like(new_arrays, arrays)), record
+        return released, record
 
     def evaluate(self, phase: Phase, arrays: ArrayRecord, nodes: list[int], split: str,
                  rnd: int) -> tuple[dict[str, float], tuple[int, int]]:
@@ -346,18 +425,21 @@ class RunState:
             replies += self.grid.send_and_receive(messages[i:i + step], timeout=remaining)
         return replies
 
-    def charge(self, sampled: int, ok: list[Message], sample_rate: float, phase: str) -> dict:
+    def charge(self, ok: list[Message], sample_rate: float, phase: str, release: str) -> dict:
         """Charge the round to the ledger, or, for a user-level round redone after a crash that was charged
-        but not checkpointed, reuse that charge: the same cohort and the same noise (both seeded by the
-        secret dp_seed) give the same release, so charging it again would double-count it. DP-SGD rounds
-        are always charged: their clients draw fresh noise."""
+        but not checkpointed, reuse that charge if and only if the redone release is bit-identical (same
+        `release_digest`: same tensors, cohort, successful clients and attempt). Anything else is another
+        release and is charged again. DP-SGD rounds are always charged: their clients draw fresh noise."""
         pending, self.pending_charge = self.pending_charge, None
-        if (pending is not None and self.privacy.mechanism == USER_LEVEL
-                and (pending["clients_sampled"], pending["clients_succeeded"]) == (sampled, len(ok))):
-            log(INFO, "fed-userllm: round %d of the ledger was charged before the crash; the redone round is "
-                "the same release and is not charged again", pending["round"])
-            return {"epsilon": pending["epsilon"], "delta": self.privacy.delta}
-        return _charge(self.ledger, self.privacy, sampled, ok, sample_rate, phase)
+        if pending is not None and self.privacy.mechanism == USER_LEVEL:
+            if pending.get("release") == release:
+                log(INFO, "fed-userllm: round %d of the ledger was charged before the crash; the redone round "
+                    "is the same release (bit-identical) and is not charged again", pending["round"])
+                return {"epsilon": pending["epsilon"], "delta": self.privacy.delta}
+            log(WARNING, "fed-userllm: round %d of the ledger was charged before the crash, but the redone round "
+                "releases something else (other clients succeeded, another attempt or other tensors): it is "
+                "charged again", pending["round"])
+        return _charge(self.ledger, self.privacy, ok, sample_rate, phase, release)
 
     def checkpoint(self, ckpt: dict) -> None:
         """Atomically replace checkpoint.pt; it also carries the secret seed and the ledger's head hash."""
@@ -401,11 +483,14 @@ def describe_federation(grid: Grid, cfg: FederatedConfig) -> Federation:
             f"{cfg.users_per_client} defines {num_clients} clients (one SuperNode per partition). Start with "
             f"`flwr run simulations/movielens --stream --federation-config \"num-supernodes={num_clients}\"`")
     vocab_sizes = {k.removeprefix("vocab-"): int(v) for k, v in info.items() if k.startswith("vocab-")}
-    return Federation(nodes, num_clients, vocab_sizes)
+    return Federation(nodes, num_clients, int(info["num-examples"]), vocab_sizes)
 
 
-def resolve_privacy(cfg: FederatedConfig, num_clients: int) -> Privacy:
-    """Delta (default 1/N**1.1), the noise multiplier, and the round budget under ``target-epsilon``.
+def resolve_privacy(cfg: FederatedConfig, federation: Federation) -> Privacy:
+    """Delta, the noise multiplier, and the round budget under ``target-epsilon``.
+
+    Delta defaults to min(1e-5, 1/N**1.1) for N protected units: the clients under user-level DP, the
+    training windows of the whole federation under sample-level DP.
 
     ``noise-multiplier=0`` with a target calibrates sigma. User-level: so that all planned rounds (num-rounds
     per phase) fit the target; a given sigma whose planned rounds do not fit is refused before training.
@@ -415,7 +500,8 @@ def resolve_privacy(cfg: FederatedConfig, num_clients: int) -> Privacy:
     """
     if cfg.dp == "none":
         return Privacy(None, 0.0, None, None)
-    delta = cfg.target_delta or default_delta(num_clients)
+    units = federation.num_clients if cfg.dp == "user" else federation.num_examples
+    delta = cfg.target_delta or default_delta(units)
     plan = [(view.fraction_train, view.num_rounds) for view in map(cfg.for_phase, cfg.phase_names)]
     rounds = sum(r for _, r in plan)  # each phase's rounds at its own q, composed in order
     sigma = cfg.noise_multiplier
@@ -486,23 +572,21 @@ def write_or_check_config(run_dir: Path, cfg: FederatedConfig, federation: Feder
     atomic_write_json(path, saved)
 
 
-def _charge(ledger: PrivacyLedger, privacy: Privacy, sampled: int, ok: list[Message], sample_rate: float,
-            phase: str) -> dict:
+def _charge(ledger: PrivacyLedger, privacy: Privacy, ok: list[Message], sample_rate: float, phase: str,
+            release: str) -> dict:
     """Write the round's ledger line (before anything is released) and return its epsilon figures.
 
     User-level rounds are charged at their phase's client sampling rate ``sample_rate``."""
-    metrics = [r.content["metrics"] for r in ok]
     steps, q = None, sample_rate
     if privacy.mechanism == SAMPLE_LEVEL:
+        metrics = [r.content["metrics"] for r in ok]
         steps = {str(int(m["partition-id"])): (float(m["dp-sample-rate"]), int(m["steps"])) for m in metrics}
         q = None  # DP-SGD clients report their own rates
-    entry = ledger.record_round(sampled, len(ok), steps, q, phase)
+    entry = ledger.record_round(steps, q, phase, release if privacy.mechanism == USER_LEVEL else None)
     figures = {"epsilon": entry["epsilon"], "delta": privacy.delta}
     if privacy.mechanism == SAMPLE_LEVEL:
-        reported = [float(m["epsilon"]) for m in metrics] or [0.0]
         figures |= {"client_epsilon_max": entry["client_epsilon"]["max"],
-                    "client_epsilon_mean": entry["client_epsilon"]["mean"],
-                    "reported_epsilon_max": max(reported), "reported_epsilon_mean": float(np.mean(reported))}
+                    "client_epsilon_mean": entry["client_epsilon"]["mean"]}
     return figures
 
 
@@ -517,6 +601,12 @@ def _charged_after(ledger: PrivacyLedger | None, head: str | None) -> dict | Non
         raise LedgerError(f"{ledger.path} holds {len(after)} rounds after the checkpoint's last one; a run "
                           "charges one round before each checkpoint, so the ledger or checkpoint was altered")
     return after[0] if after else None
+
+
+def _ledger_key(dp_seed: int) -> bytes:
+    """The key of the run's release digests: a one-way hash of the secret seed, so the public ledger's digests
+    can be neither recomputed nor inverted without it."""
+    return hashlib.sha256(f"fed-userllm ledger {dp_seed}".encode()).digest()
 
 
 def _phase_seed(dp_seed: int, phase: str) -> int:
@@ -549,14 +639,16 @@ def _exchange_sizes(phase: Phase, cfg: FederatedConfig, model: torch.nn.Module, 
 
 
 def _train_metrics(ok: list[Message]) -> dict:
-    """Example-weighted mean client training loss and the total of local examples and steps."""
-    if not ok:
-        return {"train_loss": None, "num_examples": 0}
+    """The total of local steps and, where the replies carry them (not under DP-SGD), of local examples and the
+    example-weighted mean client training loss."""
     metrics = [r.content["metrics"] for r in ok]
-    n = np.array([m["num-examples"] for m in metrics], dtype=float)
-    losses = [m["train-loss"] for m in metrics if "train-loss" in m]  # none in the popularity phase
-    return {"train_loss": float(np.average(losses, weights=n)) if len(losses) == len(n) else None,
-            "num_examples": int(n.sum()), "local_steps": int(sum(m["steps"] for m in metrics))}
+    record = {"local_steps": int(sum(m["steps"] for m in metrics))}
+    if all("num-examples" in m for m in metrics):
+        n = np.array([m["num-examples"] for m in metrics], dtype=float)
+        record["num_examples"] = int(n.sum())
+        if metrics and all("train-loss" in m for m in metrics):
+            record["train_loss"] = float(np.average([m["train-loss"] for m in metrics], weights=n))
+    return record
 
 
 def _sample_nodes(nodes: list[int], fraction: float, seed: int, stream: int) -> list[int]:

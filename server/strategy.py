@@ -7,7 +7,11 @@ Every strategy here IS a ``flwr.serverapp.strategy`` strategy; we change two ste
   sends the phase's message type (e.g. ``train.pretrain``);
 - `UserDPFedAvg.aggregate_train` replaces the weighted mean by user-level DP-FedAvg from
   `fed_userllm.privacy`: clip each update (local - global) to C, sum, add N(0, (sigma*C)^2), divide by
-  the fixed expected cohort q*N with uniform weights.
+  the fixed expected cohort q*N with uniform weights; canary clients (`fed_userllm.privacy.canaries`), when
+  set, join that sum.
+
+Under sample-level DP the mean is weighted by the clients' DP-SGD step counts, which the accounting needs
+anyway, instead of example counts, which the clients do not send there.
 
 FedAdam composes with both through the MRO: ``class UserDPFedAdam(FedAdam, UserDPFedAvg)`` runs
 FedAdam's server-side Adam step on top of the DP average (post-processing, so the guarantee is unchanged).
@@ -32,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fed_userllm.clients.config import FederatedConfig
-from fed_userllm.privacy import aggregate_dp_fedavg, model_update, poisson_sample
+from fed_userllm.privacy import Canaries, aggregate_dp_fedavg, model_update, poisson_sample
 
 
 class PoissonFedAvg(FedAvg):
@@ -62,14 +66,17 @@ class PoissonFedAvg(FedAvg):
 class UserDPFedAvg(PoissonFedAvg):
     """User-level DP-FedAvg (McMahan et al. 2018) with Poisson sampling, aggregated by `fed_userllm.privacy`.
 
-    Set ``clip_norm`` and ``noise_multiplier`` after construction. The noise generator is seeded from
-    (``seed``, round), so a resumed round adds the same noise; ``seed`` must therefore stay secret.
-    ``last_stats`` holds the `DPAggregateStats` of the last aggregation (update norms, share clipped).
+    Set ``clip_norm`` and ``noise_multiplier`` (and ``canaries`` for an empirical audit) after construction.
+    The noise generator is seeded from (``seed``, round), so a resumed round adds the same noise; ``seed``
+    must therefore stay secret. ``last_stats`` holds the `DPAggregateStats` of the last aggregation (update
+    norms, share clipped), ``last_canaries`` how many canaries it inserted.
     """
 
     clip_norm: float = 1.0
     noise_multiplier: float = 1.0
+    canaries: Canaries | None = None
     last_stats = None
+    last_canaries = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
@@ -85,8 +92,11 @@ class UserDPFedAvg(PoissonFedAvg):
         updates = (model_update([r.content[self.arrayrecord_key][k].numpy() for k in keys], base)
                    for r in valid)
         rng = np.random.default_rng([self.seed, server_round, 1, self.attempt])
+        chosen = [] if self.canaries is None else self.canaries.participants(server_round, self.attempt)
+        self.last_canaries = len(chosen)
+        canaries = (self.canaries.update(int(i)) for i in chosen)
         new, self.last_stats = aggregate_dp_fedavg(base, updates, self.clip_norm, self.noise_multiplier,
-                                                   self.fraction_train * self.num_clients, rng)
+                                                   self.fraction_train * self.num_clients, rng, canaries)
         arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(keys, new, strict=True)})
         stats = self.last_stats
         return arrays, MetricRecord({"update-norm-mean": float(np.mean(stats.update_norms or [0.0])),
@@ -121,9 +131,10 @@ class UserDPFedAvgM(_ServerMomentum, UserDPFedAvg):
 
 
 def build_strategy(cfg: FederatedConfig, seed: int, noise_multiplier: float) -> Strategy:
-    """The strategy for ``cfg.strategy`` and ``cfg.dp`` (sample-level DP aggregates like no DP)."""
+    """The strategy for ``cfg.strategy`` and ``cfg.dp`` (sample-level DP: the mean weighted by DP-SGD steps)."""
     user_dp = cfg.dp == "user"
-    common = {"fraction_train": cfg.fraction_train, "min_train_nodes": 0, "min_available_nodes": 1}
+    common = {"fraction_train": cfg.fraction_train, "min_train_nodes": 0, "min_available_nodes": 1,
+              "weighted_by_key": "steps" if cfg.dp == "sample" else "num-examples"}
     if cfg.strategy == "fedadam":
         strategy = (UserDPFedAdam if user_dp else PoissonFedAdam)(**common, eta=cfg.server_lr, eta_l=cfg.lr,
                                                                  tau=cfg.server_tau)

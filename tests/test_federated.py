@@ -6,29 +6,33 @@ Context per node, like the simulation engine keeps), so the ServerApp's round lo
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
+from fed_userllm.clients import app as client_app_module
 from fed_userllm.clients.app import app as client_app
 from fed_userllm.clients.config import PHASE_NAMES, FederatedConfig
-from fed_userllm.clients.task import build_model, get_arrays, load_data
+from fed_userllm.clients.task import build_model, get_arrays, load_data, train_local
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS
-from fed_userllm.privacy import LedgerError, audit
+from fed_userllm.privacy import LedgerError, PrivacyBudgetExceeded, audit, default_delta, epsilon_from_history
 from fed_userllm.server import runner
-from fed_userllm.server.local_grid import LocalGrid, app_defaults
+from fed_userllm.server import strategy as strategy_module
+from fed_userllm.server.local_grid import FIRST_NODE, LocalGrid, app_defaults
 from fed_userllm.server.runner import PHASES, run
 from fed_userllm.server.strategy import build_strategy, load_strategy_state, strategy_state
 
@@ -49,11 +53,14 @@ def run_config(tmp_path: Path, **overrides) -> dict:
 
 
 class InProcessGrid(LocalGrid):
-    """A `LocalGrid` that records what it sends; after ``crash_after`` train messages it raises (a crash)."""
+    """A `LocalGrid` that records what it sends; after ``crash_after`` train messages it raises (a crash);
+    ``alter(message, reply)`` replaces replies (a client that misbehaves)."""
 
-    def __init__(self, config: dict, num_nodes: int = USERS, crash_after: int | None = None) -> None:
+    def __init__(self, config: dict, num_nodes: int = USERS, crash_after: int | None = None,
+                 alter: Callable[[Message, Message], Message] | None = None) -> None:
         super().__init__(config, num_nodes)
         self.crash_after = crash_after
+        self.alter = alter
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self.batches: list[int] = []  # messages per send_and_receive call
@@ -66,6 +73,9 @@ class InProcessGrid(LocalGrid):
         if self.crash_after is not None and trained > self.crash_after:
             raise KeyboardInterrupt("server crashed mid-round")
         replies = super().send_and_receive(messages, timeout=timeout)
+        if self.alter is not None:
+            sent = {m.metadata.message_id: m for m in messages}
+            replies = [self.alter(sent[r.metadata.reply_to_message_id], r) for r in replies]
         self.replies += replies
         return replies
 
@@ -108,13 +118,17 @@ def test_train_reply_holds_only_the_model_parameters_and_scalar_counts(tmp_path,
     assert "unembed.item.weight" not in arrays.keys()
     assert all(tuple(arrays[k].shape) == tuple(p.shape) for k, p in params.items())
     metrics = content["metrics"]
-    expected = {"num-examples", "train-loss", "steps"}
-    if dp == "sample":
-        expected |= {"partition-id", "dp-sample-rate", "epsilon"}
+    # under DP-SGD the server is the adversary: only what its ledger needs, no loss or example count in the clear
+    expected = {"partition-id", "dp-sample-rate", "steps"} if dp == "sample" else {"num-examples", "train-loss",
+                                                                                   "steps"}
     assert set(metrics.keys()) == expected
     assert all(is_scalar(v) for v in metrics.values())  # no lists: nothing per window or per item
     seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
-    assert metrics["num-examples"] == len(seq.windows(np.array([0])))
+    windows = len(seq.windows(np.array([0])))
+    if dp == "sample":
+        assert metrics["dp-sample-rate"] == 1 / math.ceil(windows / 4) and metrics["partition-id"] == 0
+    else:
+        assert metrics["num-examples"] == windows
     assert not any(np.array_equal(arrays[k].numpy(), p.detach().numpy()) for k, p in params.items()
                    if p.requires_grad and k.startswith("embed.item"))  # it trained
 
@@ -131,7 +145,8 @@ def test_evaluate_and_describe_replies_are_aggregate_counts(tmp_path):
     assert metrics["n"] == 1 and all(is_scalar(v) and 0 <= v <= 1 for v in metrics.values())
     described = call_client(config, "query.describe", RecordDict()).content["federation"]
     seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
-    assert dict(described) == {"num-clients": USERS, **{f"vocab-{k}": v for k, v in seq.vocab_sizes.items()}}
+    assert dict(described) == {"num-clients": USERS, "num-examples": len(seq.windows()),
+                               **{f"vocab-{k}": v for k, v in seq.vocab_sizes.items()}}
 
 
 def test_client_rejects_a_partition_outside_the_data(tmp_path):
@@ -158,10 +173,13 @@ def client_round(config: dict, q: float, dp: str, noise_multiplier: float = 0.0,
     return arrays, replies, new
 
 
-def test_fedavg_round_is_the_example_weighted_mean_of_client_models(tmp_path):
-    arrays, replies, new = client_round(run_config(tmp_path), q=1.0, dp="none")
+@pytest.mark.parametrize("dp", ["none", "sample"])
+def test_fedavg_round_is_the_example_weighted_mean_of_client_models(tmp_path, dp):
+    """Without DP weighted by example counts; under DP-SGD, which sends none, by the DP-SGD step counts."""
+    arrays, replies, new = client_round(run_config(tmp_path, batch_size=1), q=1.0, dp=dp)
     assert len(replies) == USERS  # q = 1: everybody
-    weights = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=float)
+    key = "steps" if dp == "sample" else "num-examples"
+    weights = np.array([r.content["metrics"][key] for r in replies], dtype=float)
     assert len(set(weights)) > 1  # unequal client sizes, so weighting matters
     for key in arrays.keys():
         stacked = np.stack([r.content["arrays"][key].numpy() for r in replies])
@@ -231,20 +249,46 @@ def test_poisson_cohorts_are_seeded_and_vary_in_size(tmp_path):
     assert len({len(c) for c in cohorts(1)}) > 1
 
 
-def test_sample_level_dp_reports_finite_epsilon_growing_with_steps(tmp_path):
-    model = global_model(run_config(tmp_path))
-    eps = {}
-    for steps in (1, 4):
-        config = run_config(tmp_path, dp="sample", local_steps=steps)
-        reply = call_client(config, "train.pretrain", train_content(model, noise_multiplier=1.0), partition=2)
-        eps[steps] = reply.content["metrics"]["epsilon"]
-        assert reply.content["metrics"]["steps"] == steps
-    assert 0 < eps[1] < eps[4] < math.inf
-    state = RecordDict()  # the node's local state: a second round adds to the same history
-    config = run_config(tmp_path, dp="sample", local_steps=1)
-    first, second = (call_client(config, "train.pretrain", train_content(model, 1.0), 2, state)
-                     .content["metrics"]["epsilon"] for _ in range(2))
-    assert first == pytest.approx(eps[1]) and second > first
+def test_a_sample_level_client_refuses_a_round_past_its_budget_before_training(tmp_path, monkeypatch):
+    sigma, delta, partition = 1.0, 1e-3, 2
+    config = run_config(tmp_path, dp="sample", local_steps=2)
+    cfg = FederatedConfig.from_run_config(config)
+    seq = load_data(cfg.dataset, cfg.max_len)
+    q = 1 / math.ceil(len(seq.windows(np.array([partition]))) / cfg.batch_size)
+    one, two = (epsilon_from_history([(sigma, q, 2 * r)], delta) for r in (1, 2))
+    config = {**config, "target-epsilon": (one + two) / 2}  # the first round fits, the second does not
+    trained = []
+    monkeypatch.setattr(client_app_module, "train_local", lambda *a, **k: trained.append(1) or train_local(*a, **k))
+    state = RecordDict()  # the node's local state: its own DP-SGD history
+    model = global_model(config)
+    reply = call_client(config, "train.pretrain", train_content(model, sigma, delta), partition, state)
+    assert reply.content["metrics"]["steps"] == 2 and reply.content["metrics"]["dp-sample-rate"] == q
+    assert len(trained) == 1 and list(state["dp-sgd"]["steps"]) == [2]
+    with pytest.raises(PrivacyBudgetExceeded, match=f"client {partition} refuses round 2: .* > target-epsilon"):
+        call_client(config, "train.pretrain", train_content(model, sigma, delta), partition, state)
+    assert len(trained) == 1 and list(state["dp-sgd"]["steps"]) == [2]  # refused before training
+
+
+def test_sample_level_delta_comes_from_the_training_windows_and_user_level_delta_from_the_clients(tmp_path):
+    federation = runner.Federation(nodes=[], num_clients=1_000, num_examples=1_000_000, vocab_sizes={})
+    for dp, units in (("sample", 1_000_000), ("user", 1_000)):
+        cfg = FederatedConfig.from_run_config(run_config(tmp_path, dp=dp))
+        assert runner.resolve_privacy(cfg, federation).delta == default_delta(units)
+    assert default_delta(1_000_000) == pytest.approx(1e-6 ** 1.1) and default_delta(1_000) == 1e-5
+
+
+def test_a_sample_level_run_sends_no_evaluation_nor_loss_or_example_counts(tmp_path):
+    config = run_config(tmp_path, dp="sample", eval_every=1, fraction_train=1.0, num_rounds=1)
+    grid = InProcessGrid(config)
+    run_dir = run(grid, FederatedConfig.from_run_config(config))
+    assert {m.metadata.message_type for m in grid.sent} == {"query.describe", "train.pretrain"}
+    results = json.loads((run_dir / "results.json").read_text())["pretrain"]
+    assert results["test"] is None and "not run under dp='sample'" in results["privacy"]
+    (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not {"train_loss", "num_examples"} & set(record) and not any(k.startswith("val_") for k in record)
+    seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
+    assert json.loads((run_dir / "config.json").read_text())["privacy"]["delta"] == default_delta(len(seq.windows()))
+    assert audit(run_dir).ok
 
 
 def ledger_rounds(run_dir: Path) -> list[dict]:
@@ -302,6 +346,48 @@ def test_a_round_charged_but_not_checkpointed_is_not_charged_again_on_resume(tmp
     assert audit(run_dir).ok
 
 
+def test_a_redone_round_that_releases_something_else_is_charged_again(tmp_path, monkeypatch):
+    """Crash between the release of round 2 and its checkpoint; on resume another client fails in round 2
+    (as many successes as before, other ones), so the redone round is a different release: charged again."""
+    config = run_config(tmp_path, dp="user", fraction_train=1.0, num_rounds=3, eval_every=0)
+    sigma, q = config["noise-multiplier"], 1.0
+
+    def fails_in_round_2(node: int) -> Callable[[Message, Message], Message]:
+        def alter(message: Message, reply: Message) -> Message:
+            if message.metadata.dst_node_id == node and message.metadata.group_id == "2":
+                return Message(Error(code=1, reason="device went away"), reply_to=message)
+            return reply
+        return alter
+
+    real_append = runner.append_jsonl
+
+    def crash_at_round_2(path, record):  # metrics are written after the ledger line, before the checkpoint
+        if record.get("round") == 2:
+            raise KeyboardInterrupt("server killed between the ledger line and the checkpoint")
+        real_append(path, record)
+
+    monkeypatch.setattr(runner, "append_jsonl", crash_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(InProcessGrid(config, alter=fails_in_round_2(FIRST_NODE)), FederatedConfig.from_run_config(config))
+    monkeypatch.setattr(runner, "append_jsonl", real_append)
+    run_dir = Path(config["run-dir"])
+    charged = ledger_rounds(run_dir)
+    assert len(charged) == 2
+
+    resumed = {**config, "resume": True}
+    run(InProcessGrid(resumed, alter=fails_in_round_2(FIRST_NODE + 7)), FederatedConfig.from_run_config(resumed))
+    rounds = ledger_rounds(run_dir)
+    assert rounds[:2] == charged  # the orphaned charge stays, and the redone round 2 is charged on top of it
+    assert len(rounds) == 4
+    delta = json.loads((run_dir / "config.json").read_text())["privacy"]["delta"]
+    assert [r["epsilon"] for r in rounds] == pytest.approx([epsilon_from_history([(sigma, q, n)], delta)
+                                                          for n in (1, 2, 3, 4)], rel=1e-12)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["round"], m["clients_succeeded"]) for m in metrics] == [(1, USERS), (2, USERS - 1), (3, USERS)]
+    assert audit(run_dir).ok
+    assert rounds[2]["release"] != charged[1]["release"] and len({r["release"] for r in rounds}) == 4
+
+
 @pytest.mark.slow
 def test_killing_the_server_process_and_resuming_equals_an_uninterrupted_run(tmp_path):
     common = {"dp": "user", "fraction-train": 0.5, "num-rounds": 8, "eval-every": 0}
@@ -348,6 +434,106 @@ def test_failed_clients_are_recorded_and_only_successful_ones_count(tmp_path):
         assert all("injected fault" in r.error.reason for r in failed)
         succeeded = [int(r.content["metrics"]["num-examples"]) for r in replies if not r.has_error()]
         assert record["num_examples"] == sum(succeeded) < len(seq.windows(np.arange(USERS)))
+
+
+def _tamper(case: str, dp: str) -> Callable[[dict, dict], str]:
+    """Changes one client's reply (its arrays and metrics, in place) as ``case`` says; returns the expected reason."""
+    first = "embed.item.weight"
+
+    def tamper(arrays: dict, metrics: dict) -> str:
+        if case in ("nan", "inf"):
+            arrays[first] = arrays[first].copy()
+            arrays[first].flat[3] = np.nan if case == "nan" else -np.inf
+            return f"tensor '{first}' holds 1 NaN or infinite values"
+        if case == "missing-tensor":
+            del arrays[first]
+            return f"missing \\['{first}'\\]"
+        if case == "extra-tensor":
+            arrays["backdoor"] = np.ones(3, np.float32)
+            return "unexpected \\['backdoor'\\]"
+        if case == "shape":
+            arrays[first] = arrays[first][:-1]
+            return f"tensor '{first}' is float32 \\({arrays[first].shape[0]}, "
+        if case == "dtype":
+            arrays[first] = arrays[first].astype(np.float64)
+            return f"tensor '{first}' is float64"
+        if case == "missing-metric":
+            key = "dp-sample-rate" if dp == "sample" else "num-examples"
+            del metrics[key]
+            return f"metric '{key}' is missing"
+        arrays[first] = arrays[first] + 1e5  # case "absurd-norm"
+        return "update norm .* > max-update-norm=1000"
+
+    return tamper
+
+
+def _misbehaving_client(tamper: Callable[[dict, dict], str] | None, reasons: list[str]):
+    """A grid hook: partition 0's training replies are tampered with (or, with None, become plain errors)."""
+    def alter(message: Message, reply: Message) -> Message:
+        if message.metadata.dst_node_id != FIRST_NODE or not message.metadata.message_type.startswith("train"):
+            return reply
+        if tamper is None:
+            return Message(Error(code=1, reason="device went away"), reply_to=message)
+        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        metrics = dict(reply.content["metrics"])
+        reasons.append(tamper(arrays, metrics))
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                   "metrics": MetricRecord(metrics)}), reply_to=message)
+    return alter
+
+
+def _final_arrays(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def plain_failure_models(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """Final models of one-round runs in which partition 0 fails outright (user DP and no DP, seeded)."""
+    models = {}
+    for dp in ("none", "user"):
+        config = run_config(tmp_path_factory.mktemp(dp), dp=dp, fraction_train=1.0, num_rounds=1, eval_every=0)
+        run(InProcessGrid(config, alter=_misbehaving_client(None, [])), FederatedConfig.from_run_config(config))
+        models[dp] = _final_arrays(Path(config["run-dir"]))
+    return models
+
+
+@pytest.mark.parametrize("dp", ["none", "user", "sample"])
+@pytest.mark.parametrize("case", ["nan", "inf", "missing-tensor", "extra-tensor", "shape", "dtype", "missing-metric",
+                                  "absurd-norm"])
+def test_a_malformed_or_non_finite_reply_is_a_failed_client_never_aggregated(tmp_path, caplog, plain_failure_models,
+                                                                           case, dp):
+    config = run_config(tmp_path, dp=dp, fraction_train=1.0, num_rounds=1, eval_every=0)
+    reasons = []
+    run_dir = run(InProcessGrid(config, alter=_misbehaving_client(_tamper(case, dp), reasons)),
+                  FederatedConfig.from_run_config(config))
+    (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert (record["clients_sampled"], record["clients_succeeded"], record["clients_failed"]) == (USERS, USERS - 1, 1)
+    (reason,) = reasons
+    assert any(re.search(f"node {FIRST_NODE} failed: .*{reason}", r.getMessage()) for r in caplog.records), reason
+    final = _final_arrays(run_dir)
+    assert all(torch.isfinite(t).all() for t in final.values())
+    if dp != "sample":  # DP-SGD draws its noise from the OS: no bit-identical reference run
+        reference = plain_failure_models[dp]  # the tampered reply had exactly the influence of no reply
+        assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+    if dp != "none":
+        assert audit(run_dir).ok and len(audit(run_dir).rounds) == 1
+
+
+def test_a_non_finite_aggregate_is_neither_charged_nor_released(tmp_path, monkeypatch):
+    real = strategy_module.aggregate_dp_fedavg
+
+    def overflowing(*args, **kwargs):
+        new, stats = real(*args, **kwargs)
+        new[0] = np.full_like(new[0], np.inf)
+        return new, stats
+
+    monkeypatch.setattr(strategy_module, "aggregate_dp_fedavg", overflowing)
+    config = run_config(tmp_path, dp="user", num_rounds=1)
+    with pytest.raises(RuntimeError, match="round 1: the aggregated model holds NaN or infinite values"):
+        run(InProcessGrid(config), FederatedConfig.from_run_config(config))
+    run_dir = Path(config["run-dir"])
+    assert ledger_rounds(run_dir) == [] and not (run_dir / "metrics.jsonl").exists()
+    assert not (run_dir / "final").exists()
 
 
 def test_clients_that_answer_after_the_deadline_are_failures(tmp_path):

@@ -14,20 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from llm_fixtures import save_tiny_llm
+from safetensors.torch import load_file
 
+from fed_userllm.cli import main
 from fed_userllm.clients.app import app as client_app
 from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.clients.contextualize import catalog_scorer, client_task, initial_userllm, shared_userllm
 from fed_userllm.clients.task import client_users, get_arrays, load_data
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
-from fed_userllm.models.userllm import UserLLM
-from fed_userllm.privacy import audit, epsilon_from_history
+from fed_userllm.models.userllm import WEIGHTS_NAME, UserLLM
+from fed_userllm.privacy import audit, empirical_audit, epsilon_from_history
 from fed_userllm.server import runner
-from fed_userllm.server.local_grid import app_defaults, run_local
+from fed_userllm.server.local_grid import FIRST_NODE, LocalGrid, app_defaults, run_local
+from fed_userllm.server.runner import run
 from fed_userllm.train.contextualize import Examples, evaluate_llm, load_model, task_loss
 
 USERS = 12
@@ -179,6 +182,40 @@ def test_pretrain_then_contextualize_share_one_ledger_charged_at_each_phases_rat
     assert task.name == "nextitem" and config.history_len == 8
     assert all(np.array_equal(p.detach().numpy(), final[n]) for n, p in loaded.named_parameters() if n in final)
     assert evaluate_llm(run_dir, "test", num_users=USERS, device="cpu", progress=False)["n"] == USERS
+
+
+class NanInTheLLMPhase(LocalGrid):
+    """Partition 0 answers every contextualize training message with a NaN in one of its tensors."""
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for i, reply in enumerate(replies):
+            if reply.metadata.src_node_id == FIRST_NODE and reply.metadata.message_type == "train.contextualize":
+                arrays = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+                next(iter(arrays.values())).flat[0] = np.nan
+                content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                      "metrics": reply.content["metrics"]})
+                replies[i] = Message(content, reply_to=next(m for m in messages if m.metadata.message_id
+                                                            == reply.metadata.reply_to_message_id))
+        return replies
+
+
+def test_the_llm_phase_refuses_a_nan_reply_and_its_run_releases_both_models(tmp_path, llm):
+    config = run_config(tmp_path, llm, dp="user", dp_seed=0, canaries=20, llm_fraction_train=1.0, llm_rounds=1,
+                        eval_every=0)
+    run_dir = run(NanInTheLLMPhase(config, USERS), FederatedConfig.from_run_config(config))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (llm_round,) = [r for r in records if r["phase"] == "contextualize"]
+    assert (llm_round["clients_sampled"], llm_round["clients_failed"]) == (USERS, 1)
+    saved = load_file(run_dir / "userllm" / WEIGHTS_NAME)
+    assert saved and all(torch.isfinite(t).all() for t in saved.values())
+
+    assert main(["release", str(run_dir), "--out", str(tmp_path / "public")]) == 0
+    assert sorted(p.name for p in (tmp_path / "public").iterdir() if p.is_dir()) == ["final", "userllm"]
+    phases = empirical_audit(run_dir)  # each phase's canaries live in that phase's exchanged tensors
+    assert [p.phase for p in phases] == ["contextualize", "pretrain"] and not any(p.exceeds_bound for p in phases)
+    assert phases[0].dimension == sum(v.size for v in torch.load(run_dir / "checkpoint.pt",
+                                                                 weights_only=False)["arrays"].values())
 
 
 def test_contextualize_alone_starts_from_the_given_encoder(tmp_path, llm):

@@ -18,7 +18,7 @@ USERS = 12
 TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
         "n-layers": 1, "n-heads": 2, "item-dim": 8, "num-rounds": 1, "batch-size": 4, "lr": 0.5, "eval-every": 0,
         "dp-seed": 7, "phases": "popularity,pretrain", "popularity-rounds": 3, "item-features": "public",
-        "item-features-llm": ""}
+        "item-features-llm": "", "canaries": 0}  # no canary: they bias a 40-item release
 
 
 def config(tmp_path, **overrides) -> dict:

@@ -31,6 +31,7 @@ from fed_userllm.privacy import (
     max_rounds_within_budget,
     model_update,
     poisson_sample,
+    release_digest,
     weighted_fedavg,
 )
 from fed_userllm.privacy.accounting import PRV_EPS_ERROR
@@ -87,6 +88,25 @@ def test_clip_update_bounds_large_and_keeps_small():
     np.testing.assert_array_equal(kept[0], small[0])
     with pytest.raises(ValueError, match="clip_norm"):
         clip_update(small, 0.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_clip_update_refuses_a_non_finite_update(bad):
+    """NaN > C is False, so a NaN norm used to leave the update unclipped: every other coordinate entered the sum
+    at full size, past the sensitivity bound."""
+    update = [np.array([100.0, bad]), np.array([[50.0]])]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        clip_update(update, 1.0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        aggregate_dp_fedavg([np.zeros(2), np.zeros((1, 1))], [update], 1.0, 1.0, 2.0, np.random.default_rng(0))
+
+
+def test_canary_updates_are_clipped_and_summed_but_are_not_clients():
+    global_w = [np.zeros(2)]
+    updates, canaries = [[np.array([6.0, 8.0])]], [[np.array([0.0, 1.0])], [np.array([30.0, 40.0])]]
+    new, stats = aggregate_dp_fedavg(global_w, updates, 1.0, 0.0, 4.0, np.random.default_rng(0), canaries)
+    np.testing.assert_allclose(new[0], (np.array([0.6, 0.8]) + np.array([0.0, 1.0]) + np.array([0.6, 0.8])) / 4)
+    assert stats.num_updates == 1 and stats.update_norms == [10.0] and stats.fraction_clipped == 1.0
 
 
 def _random_model(rng, shapes=((4, 3), (5,))):
@@ -290,9 +310,12 @@ def test_max_rounds_within_budget_boundary_and_monotonic():
     assert max_rounds_within_budget(sigma, q, DELTA, target, "prv") >= rounds  # PRV is tighter
 
 
-def test_default_delta():
+def test_default_delta_is_the_smaller_of_1e_5_and_n_to_the_minus_1_1():
+    assert default_delta(610) == 1e-5  # 1/610**1.1 = 8.6e-4 would let N * delta = 0.53
     assert default_delta(100_000) == pytest.approx(10**-5.5)
-    assert default_delta(10) < 1 / 10
+    crossover = 10 ** (5 / 1.1)  # 1/N**1.1 = 1e-5 at N = 35,112
+    assert default_delta(int(crossover)) == 1e-5 > default_delta(int(crossover) + 1)
+    assert all(n * default_delta(n) <= n**-0.1 < 1 for n in (2, 610, 35_000, 10**6, 10**9))
     with pytest.raises(ValueError, match="num_units"):
         default_delta(1)
 
@@ -310,7 +333,7 @@ def _user_config(**overrides) -> LedgerConfig:
 def _ledger_with_rounds(tmp_path, rounds: int, config: LedgerConfig | None = None) -> PrivacyLedger:
     ledger = PrivacyLedger(tmp_path, config or _user_config())
     for _ in range(rounds):
-        ledger.record_round(clients_sampled=10, clients_succeeded=9)
+        ledger.record_round()
     return ledger
 
 
@@ -335,7 +358,7 @@ def test_ledger_records_resumes_and_audits(tmp_path):
 
     resumed = PrivacyLedger(tmp_path, _user_config())
     assert resumed.next_round == 4 and resumed.head_hash == ledger.head_hash
-    record = resumed.record_round(clients_sampled=12, clients_succeeded=12)
+    record = resumed.record_round()
     assert record["round"] == 4 and record["epsilon"] == pytest.approx(epsilon(2.0, 0.1, 4, DELTA), rel=1e-12)
 
     report = audit(tmp_path, expected_head_hash=resumed.head_hash)
@@ -346,6 +369,33 @@ def test_ledger_records_resumes_and_audits(tmp_path):
     as_json = json.loads(report.to_json())
     assert as_json["ok"] is True and len(as_json["rounds"]) == 4
     assert "RDP" in report.to_text() and "PRV" in report.to_text() and "Result: OK" in report.to_text()
+
+
+def test_round_lines_hold_only_what_the_accounting_needs(tmp_path):
+    """The ledger is released: no cohort sizes, no timestamps (round durations follow the secret cohort size)."""
+    ledger = PrivacyLedger(tmp_path, _user_config())
+    ledger.record_round(phase="pretrain", release="ab" * 32)
+    ledger.record_round(sample_rate=0.05, phase="contextualize")
+    header, first, second = (json.loads(line) for line in _lines(tmp_path))
+    assert header["format"] == 3
+    assert set(first) == {"type", "round", "epsilon", "sample_rate", "phase", "release", "hash"}
+    assert set(second) == {"type", "round", "epsilon", "sample_rate", "phase", "hash"}
+    assert first["release"] == "ab" * 32 and audit(tmp_path).ok
+
+
+def test_release_digest_changes_with_any_tensor_bit_the_cohort_the_attempt_or_the_key():
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
+    context = {"phase": "pretrain", "round": 2, "attempt": 0, "cohort": [3, 5, 9], "succeeded": [3, 9]}
+    digest = release_digest(b"key", arrays, **context)
+    assert len(digest) == 64 and digest == release_digest(b"key", dict(reversed(arrays.items())), **context)
+    flipped = arrays["w"].copy()
+    flipped.view(np.uint32)[0, 1] ^= 1  # one bit of one float
+    assert release_digest(b"key", {**arrays, "w": flipped}, **context) != digest
+    assert release_digest(b"key", {**arrays, "w": arrays["w"].astype(np.float64)}, **context) != digest
+    assert release_digest(b"key", {**arrays, "w": arrays["w"].reshape(3, 2)}, **context) != digest
+    for change in ({"succeeded": [3, 5]}, {"attempt": 1}, {"cohort": [3, 5, 8]}, {"round": 3}):
+        assert release_digest(b"key", arrays, **{**context, **change}) != digest
+    assert release_digest(b"other key", arrays, **context) != digest
 
 
 def test_ledger_refuses_mismatched_config(tmp_path):
@@ -362,11 +412,11 @@ def test_ledger_stops_at_target_epsilon(tmp_path):
     ledger = PrivacyLedger(tmp_path, config)
     assert ledger.rounds_remaining() == allowed
     for _ in range(allowed):
-        ledger.record_round(10, 10)
+        ledger.record_round()
     assert ledger.rounds_remaining() == 0
     before = (tmp_path / LEDGER_FILENAME).read_bytes()
     with pytest.raises(PrivacyBudgetExceeded, match="target 0.8"):
-        ledger.record_round(10, 10)
+        ledger.record_round()
     assert (tmp_path / LEDGER_FILENAME).read_bytes() == before
     assert PrivacyLedger(tmp_path, config).next_round == allowed + 1
 
@@ -375,9 +425,9 @@ def test_ledger_charges_each_phase_at_its_own_sampling_rate_and_the_audit_agrees
     config = _user_config(target_epsilon=3.0)  # header q = 0.1: the first phase's
     ledger = PrivacyLedger(tmp_path, config)
     for _ in range(3):
-        ledger.record_round(10, 10, phase="pretrain")
+        ledger.record_round(phase="pretrain")
     for _ in range(2):
-        record = ledger.record_round(2, 2, sample_rate=0.02, phase="contextualize")
+        record = ledger.record_round(sample_rate=0.02, phase="contextualize")
     composed = [(2.0, 0.1, 3), (2.0, 0.02, 2)]
     assert record["epsilon"] == pytest.approx(epsilon_from_history(composed, DELTA), rel=1e-12)
     assert record["sample_rate"] == 0.02 and record["phase"] == "contextualize" and record["round"] == 5
@@ -402,15 +452,13 @@ def test_ledger_charges_each_phase_at_its_own_sampling_rate_and_the_audit_agrees
     _write(tmp_path, entries, rehash=True)
     assert any(p.startswith("round 4: recorded epsilon") for p in audit(tmp_path).problems)
     with pytest.raises(ValueError, match="sample_rate"):
-        _ledger_with_rounds(tmp_path / "other", 0).record_round(1, 1, sample_rate=1.5)
+        _ledger_with_rounds(tmp_path / "other", 0).record_round(sample_rate=1.5)
 
 
 def test_ledger_validates_round_inputs(tmp_path):
     ledger = PrivacyLedger(tmp_path, _user_config())
-    with pytest.raises(ValueError, match="clients_succeeded"):
-        ledger.record_round(3, 4)
     with pytest.raises(ValueError, match="client_steps"):
-        ledger.record_round(3, 3, {"a": (0.1, 1)})
+        ledger.record_round({"a": (0.1, 1)})
     with pytest.raises(ValueError, match="sample_rate"):
         _user_config(sample_rate=None)
     with pytest.raises(ValueError, match="noise_multiplier"):
@@ -463,7 +511,7 @@ def test_audit_catches_truncated_tail_with_head_hash(tmp_path):
 def test_torn_last_line_is_refused_then_repaired(tmp_path):
     _ledger_with_rounds(tmp_path, 2)
     path = tmp_path / LEDGER_FILENAME
-    torn = b'{"clients_sampled":10,"clients_succ'
+    torn = b'{"epsilon":0.5,"phase":"pret'
     with open(path, "ab") as f:
         f.write(torn)
     with pytest.raises(TornLedgerError, match="repair"):
@@ -473,15 +521,15 @@ def test_torn_last_line_is_refused_then_repaired(tmp_path):
     assert PrivacyLedger.repair(path) == b""
     ledger = PrivacyLedger(tmp_path, _user_config())
     assert ledger.next_round == 3
-    ledger.record_round(10, 10)
+    ledger.record_round()
     assert audit(tmp_path).ok
 
 
 def test_sample_level_ledger_tracks_per_client_epsilon(tmp_path):
     config = LedgerConfig(mechanism=SAMPLE_LEVEL, noise_multiplier=2.0, clip_norm=1.0, num_clients=5, delta=DELTA)
     ledger = PrivacyLedger(tmp_path, config)
-    ledger.record_round(3, 2, {"a": (0.1, 20), "b": (0.05, 10)})
-    record = ledger.record_round(2, 2, {"a": (0.1, 20), "c": (0.2, 5)})
+    ledger.record_round({"a": (0.1, 20), "b": (0.05, 10)})
+    record = ledger.record_round({"a": (0.1, 20), "c": (0.2, 5)})
     per_client = {
         "a": epsilon(2.0, 0.1, 40, DELTA),
         "b": epsilon(2.0, 0.05, 10, DELTA),
@@ -491,15 +539,17 @@ def test_sample_level_ledger_tracks_per_client_epsilon(tmp_path):
     assert record["client_epsilon"]["mean"] == pytest.approx(np.mean(list(per_client.values())), rel=1e-12)
     assert record["client_epsilon"]["num_clients"] == 3
     with pytest.raises(ValueError, match="client_steps"):
-        ledger.record_round(2, 2, {"a": (0.1, 20)})
+        ledger.record_round()
+    with pytest.raises(ValueError, match="sample rate must be in"):
+        ledger.record_round({"a": (1.5, 20)})
     with pytest.raises(ValueError, match="sample_rate"):  # DP-SGD clients report their own rates
-        ledger.record_round(1, 1, {"a": (0.1, 20)}, sample_rate=0.5)
+        ledger.record_round({"a": (0.1, 20)}, sample_rate=0.5)
 
     resumed = PrivacyLedger(tmp_path, config)
     assert resumed.next_round == 3 and resumed.epsilon == pytest.approx(record["epsilon"], rel=1e-12)
-    resumed.record_round(1, 1, {"b": (0.1, 10)})  # a changed sample rate composes as a new history entry
+    resumed.record_round({"b": (0.1, 10)})  # a changed sample rate composes as a new history entry
     expected_b = epsilon_from_history([(2.0, 0.05, 10), (2.0, 0.1, 10)], DELTA)
-    assert resumed.record_round(1, 0, {})["client_epsilon"]["num_clients"] == 3
+    assert resumed.record_round({})["client_epsilon"]["num_clients"] == 3
     report = audit(tmp_path)
     assert report.ok, report.problems
     assert report.rounds[-1].rdp_epsilon == pytest.approx(max(per_client["a"], expected_b, per_client["c"]))

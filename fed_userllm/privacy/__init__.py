@@ -1,4 +1,5 @@
-"""Differential privacy for fed-userllm: Poisson sampling, DP-FedAvg, Opacus accounting, ledger, audit.
+"""Differential privacy for fed-userllm: Poisson sampling, DP-FedAvg, Opacus accounting, ledger, audit, and the
+empirical audit with canaries.
 
 Model-agnostic and Flower-agnostic: everything works on lists of numpy arrays / torch tensors.
 """
@@ -13,6 +14,7 @@ from fed_userllm.privacy.accounting import (
     max_rounds_within_budget,
 )
 from fed_userllm.privacy.audit import AuditReport, audit
+from fed_userllm.privacy.canaries import Canaries, canary_seed, empirical_audit
 from fed_userllm.privacy.dp_fedavg import (
     DPAggregateStats,
     aggregate_dp_fedavg,
@@ -21,6 +23,7 @@ from fed_userllm.privacy.dp_fedavg import (
     model_update,
     weighted_fedavg,
 )
+from fed_userllm.privacy.empirical import EmpiricalEstimate, estimate_epsilon, gaussian_epsilon
 from fed_userllm.privacy.ledger import (
     SAMPLE_LEVEL,
     USER_LEVEL,
@@ -30,6 +33,7 @@ from fed_userllm.privacy.ledger import (
     PrivacyBudgetExceeded,
     PrivacyLedger,
     TornLedgerError,
+    release_digest,
 )
 from fed_userllm.privacy.sampling import poisson_sample
 
@@ -38,7 +42,9 @@ __all__ = [
     "SAMPLE_LEVEL",
     "USER_LEVEL",
     "AuditReport",
+    "Canaries",
     "DPAggregateStats",
+    "EmpiricalEstimate",
     "LedgerConfig",
     "LedgerError",
     "LedgerMismatchError",
@@ -49,13 +55,18 @@ __all__ = [
     "audit",
     "calibrate_noise",
     "calibrate_noise_for_plan",
+    "canary_seed",
     "clip_update",
     "default_delta",
+    "empirical_audit",
     "epsilon",
     "epsilon_from_history",
+    "estimate_epsilon",
+    "gaussian_epsilon",
     "l2_norm",
     "max_rounds_within_budget",
     "model_update",
     "poisson_sample",
+    "release_digest",
     "weighted_fedavg",
 ]

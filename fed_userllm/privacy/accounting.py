@@ -207,11 +207,14 @@ def max_rounds_within_budget(
 
 
 def default_delta(num_units: int) -> float:
-    """Default delta = 1 / N**1.1 for N protected units (users for user-level DP, examples for sample-level).
+    """Default delta = min(1e-5, 1 / N**1.1) for N protected units (users for user-level DP, training
+    examples for sample-level DP).
 
-    delta must be well below 1/N: a mechanism that publishes one random unit's data in the clear is
-    (0, 1/N)-DP. The exponent 1.1 keeps delta polynomially smaller than 1/N at every scale.
+    delta must be far below 1/N: a mechanism that publishes one random unit's data in the clear is
+    (0, 1/N)-DP, and N * delta is roughly the chance that some unit is exposed. 1 / N**1.1 keeps delta
+    polynomially below 1/N at every scale; the 1e-5 cap is the usual practice for populations of up to
+    ~35,000 units, where 1 / N**1.1 alone would still be large (N * delta = 0.53 at N = 610).
     """
     if isinstance(num_units, bool) or not isinstance(num_units, int | np.integer) or num_units < 2:
         raise ValueError(f"num_units must be an integer >= 2, got {num_units!r}")
-    return float(num_units) ** -1.1
+    return min(1e-5, float(num_units) ** -1.1)

@@ -12,7 +12,7 @@ weights come back as the same kind, dtype and device as `global_weights`.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,11 +73,15 @@ def clip_update(update: Sequence[ArrayLike], clip_norm: float) -> tuple[list[np.
     """Scale the whole update so its global L2 norm is at most clip_norm; return (clipped, original_norm).
 
     Updates already within the bound are returned unchanged (scale 1); clip_norm=inf disables clipping.
+    A NaN or infinite entry makes the norm non-finite, and no scale bounds such an update (NaN > C is
+    False), so it is refused with a ValueError: the caller must treat its client as failed.
     """
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
     arrays = [_as_float64(a, f"update[{i}]") for i, a in enumerate(update)]
     norm = l2_norm(arrays)
+    if not math.isfinite(norm):
+        raise ValueError(f"the update's L2 norm is {norm}: it holds NaN or infinite values and cannot be clipped")
     scale = clip_norm / norm if norm > clip_norm else 1.0
     return [a * scale for a in arrays], norm
 
@@ -89,6 +93,7 @@ def aggregate_dp_fedavg(
     noise_multiplier: float,
     expected_cohort: float,
     rng: np.random.Generator,
+    canary_updates: Iterable[Sequence[ArrayLike]] = (),
 ) -> tuple[list[ArrayLike], DPAggregateStats]:
     """One DP-FedAvg round: clip each update to clip_norm, sum, add N(0, (sigma*C)^2), divide by q*N.
 
@@ -97,6 +102,8 @@ def aggregate_dp_fedavg(
     q*N, not len(client_updates). Noise comes from `rng`, so a seeded generator reproduces a run; numpy's
     PCG64 is not a cryptographic generator, which matters for deployments but not for simulations.
     With noise_multiplier=0 and clip_norm=inf this is the plain uniform mean over the expected cohort.
+    `canary_updates` (see `fed_userllm.privacy.canaries`) are clipped and summed like client updates but
+    are not clients: they stay out of the statistics and out of the denominator.
     """
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
@@ -113,12 +120,9 @@ def aggregate_dp_fedavg(
     total = [np.zeros_like(g) for g in base]
     norms = []
     for k, update in enumerate(client_updates):
-        arrays = [_as_float64(a, f"client_updates[{k}][{i}]") for i, a in enumerate(update)]
-        _check_shapes(arrays, base, f"client_updates[{k}]")
-        clipped, norm = clip_update(arrays, clip_norm)
-        norms.append(norm)
-        for t, c in zip(total, clipped, strict=True):
-            t += c
+        norms.append(_add_clipped(total, update, clip_norm, f"client_updates[{k}]"))
+    for k, update in enumerate(canary_updates):
+        _add_clipped(total, update, clip_norm, f"canary_updates[{k}]")
     noise_std = noise_multiplier * clip_norm if noise_multiplier > 0 else 0.0
     if noise_std > 0:
         for t in total:
@@ -131,6 +135,16 @@ def aggregate_dp_fedavg(
         noise_std=noise_std / expected_cohort,
     )
     return new_weights, stats
+
+
+def _add_clipped(total: list[np.ndarray], update: Sequence[ArrayLike], clip_norm: float, name: str) -> float:
+    """Add ``update`` clipped to ``clip_norm`` into ``total``; return its norm before clipping."""
+    arrays = [_as_float64(a, f"{name}[{i}]") for i, a in enumerate(update)]
+    _check_shapes(arrays, total, name)
+    clipped, norm = clip_update(arrays, clip_norm)
+    for t, c in zip(total, clipped, strict=True):
+        t += c
+    return norm
 
 
 def weighted_fedavg(client_weights: Sequence[Sequence[ArrayLike]], num_examples: Sequence[int]) -> list[ArrayLike]:

@@ -2,10 +2,14 @@
 
 File format (JSON Lines, `privacy_ledger.jsonl` in the run directory):
 - line 1, the header: the mechanism and every parameter the epsilon depends on, plus library versions;
-- then one line per completed round: round, epsilon at the header's delta, clients sampled/succeeded,
-  UTC timestamp, optionally the phase that ran it, for user-level DP the round's client sampling rate q
-  (phases of one run may sample at different rates; a round without one used the header's), and for
-  sample-level DP the per-client DP-SGD steps and the max/mean client epsilon.
+- then one line per released round: round, epsilon at the header's delta, optionally the phase that ran it,
+  for user-level DP the round's client sampling rate q (phases of one run may sample at different rates; a
+  round without one used the header's) and `release`, a keyed digest of what the round released (see
+  `release_digest`), and for sample-level DP the per-client DP-SGD (sample rate, steps) and the max/mean
+  client epsilon.
+The ledger is part of a run's public release, so a round line holds only what the accounting needs: no
+cohort sizes, no timestamps (round durations follow the secret cohort size). Format 2 ledgers, whose lines
+also held clients sampled/succeeded and a time, are still read and audited.
 Every line carries `hash` = sha256(previous line's hash + canonical JSON of the line without `hash`),
 starting from 64 zeros, so an edited, deleted or reordered line breaks the chain (tamper-evident, not
 tamper-proof: someone who rewrites every later hash is caught only by `audit` recomputing epsilon from
@@ -20,6 +24,7 @@ flush and fsync. Resuming continues the round numbers; nothing ever rewrites or 
 """
 
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -39,7 +44,7 @@ from fed_userllm.privacy.accounting import (
 )
 
 LEDGER_FILENAME = "privacy_ledger.jsonl"
-FORMAT_VERSION = 2  # 2: user-level rounds state their own sampling rate (1: the header's q for all)
+FORMAT_VERSION = 3  # 3: no cohort sizes or times, a release digest (2: own sampling rates; 1: the header's q)
 GENESIS_HASH = "0" * 64
 USER_LEVEL = "dp-fedavg-user"
 SAMPLE_LEVEL = "dp-sgd-sample"
@@ -127,6 +132,22 @@ def chain_hash(previous_hash: str, entry: Mapping) -> str:
     """sha256(previous hash + canonical JSON of the entry without its own `hash` field)."""
     body = {k: v for k, v in entry.items() if k != "hash"}
     return hashlib.sha256((previous_hash + canonical_json(body)).encode()).hexdigest()
+
+
+def release_digest(key: bytes, arrays: Mapping[str, np.ndarray], **context: object) -> str:
+    """HMAC-SHA256 under the run's secret ``key`` of a round's released tensors and its ``context`` (e.g. the
+    phase, round, attempt, the cohort and who succeeded), in hex.
+
+    Equal digests mean a bit-identical release of the same cohort, so a round redone after a crash may reuse
+    its charge; any difference (other clients, another attempt, other noise) means a new release that is
+    charged again. Keyed, so the public ledger reveals nothing about who was sampled.
+    """
+    mac = hmac.new(key, canonical_json(context).encode(), hashlib.sha256)
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        mac.update(canonical_json([name, str(array.dtype), list(array.shape)]).encode())
+        mac.update(array.tobytes())
+    return mac.hexdigest()
 
 
 @dataclass
@@ -332,27 +353,21 @@ class PrivacyLedger:
 
     def record_round(
         self,
-        clients_sampled: int,
-        clients_succeeded: int,
         client_steps: ClientSteps | None = None,
         sample_rate: float | None = None,
         phase: str | None = None,
+        release: str | None = None,
     ) -> dict:
         """Charge the next round to the budget and append its record (write-ahead: before releasing it).
 
         client_steps (sample-level DP only, required there): for each client that succeeded, its DP-SGD
         (sample rate, local steps) in this round. sample_rate (user-level only): the round's client sampling
         rate q when it differs from the header's (e.g. a later phase samples fewer clients); the record
-        always states the q it was charged at. phase: an optional label stored with the record. Raises
-        PrivacyBudgetExceeded, writing nothing, if the round would take epsilon above config.target_epsilon.
+        always states the q it was charged at. phase: an optional label stored with the record. release: the
+        round's `release_digest`. Raises PrivacyBudgetExceeded, writing nothing, if the round would take
+        epsilon above config.target_epsilon.
         """
-        for name, value in (("clients_sampled", clients_sampled), ("clients_succeeded", clients_succeeded)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        clients_sampled, clients_succeeded = int(clients_sampled), int(clients_succeeded)
-        if clients_succeeded > clients_sampled:
-            raise ValueError(f"clients_succeeded ({clients_succeeded}) > clients_sampled ({clients_sampled})")
-        clients = self._check_client_steps(client_steps, clients_succeeded)
+        clients = self._check_client_steps(client_steps)
         if sample_rate is not None and (self.config.mechanism != USER_LEVEL or not 0 < sample_rate <= 1):
             raise ValueError(f"sample_rate must be a client sampling rate in (0, 1] for {USER_LEVEL} rounds, got "
                              f"{sample_rate} for {self.config.mechanism}")
@@ -364,18 +379,13 @@ class PrivacyLedger:
                 f"{step.fields['epsilon']:.4f} > target {target} (delta={self.config.delta}); "
                 "do not release this round"
             )
-        record = {
-            "type": "round",
-            "round": self.next_round,
-            **step.fields,
-            "clients_sampled": clients_sampled,
-            "clients_succeeded": clients_succeeded,
-            "time": _now(),
-        }
+        record = {"type": "round", "round": self.next_round, **step.fields}
         if self.config.mechanism == USER_LEVEL:
             record["sample_rate"] = sample_rate or self.config.sample_rate
         if phase is not None:
             record["phase"] = phase
+        if release is not None:
+            record["release"] = release
         if clients is not None:
             record["clients"] = {cid: [q, steps] for cid, (q, steps) in clients.items()}
         self._append(record)
@@ -400,16 +410,14 @@ class PrivacyLedger:
             os.fsync(f.fileno())
         return data[cut:]
 
-    def _check_client_steps(self, client_steps: ClientSteps | None, clients_succeeded: int) -> dict | None:
+    def _check_client_steps(self, client_steps: ClientSteps | None) -> dict | None:
         if self.config.mechanism == USER_LEVEL:
             if client_steps is not None:
                 raise ValueError(f"client_steps is only for {SAMPLE_LEVEL}; {USER_LEVEL} accounts per round")
             return None
-        if client_steps is None or len(client_steps) != clients_succeeded:
-            raise ValueError(
-                f"{SAMPLE_LEVEL} needs client_steps for each of the {clients_succeeded} clients that "
-                f"succeeded, got {None if client_steps is None else len(client_steps)}"
-            )
+        if client_steps is None:
+            raise ValueError(f"{SAMPLE_LEVEL} needs client_steps: the (sample rate, steps) of each client that "
+                             "trained in the round ({} if none did)")
         clients = {}
         for cid, (q, steps) in client_steps.items():
             if not 0 < q <= 1:

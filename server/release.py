@@ -1,0 +1,129 @@
+"""The release boundary: copy out of a run directory exactly what its (epsilon, delta) covers.
+
+`release` writes the final model folder of every phase (final/, userllm/), the public config (config.json
+without dp-seed), the privacy ledger, a fresh audit of it and a RELEASE.md that says what each file is and what
+covers it. Everything else in a run directory is operator-private (the runner's OPERATOR-PRIVATE.md lists it).
+It refuses a run without DP or with a fixed dp-seed (anyone who guesses the seed can remove the noise), a run
+that has not finished (its checkpoint still holds the secret seed), a ledger whose audit fails or that lost
+charged rounds, and a non-finite model. The release appears atomically: written to a temporary folder beside
+``out``, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fed_userllm.privacy import USER_LEVEL, audit
+from fed_userllm.privacy.ledger import LEDGER_FILENAME
+from fed_userllm.runtime import atomic_write_bytes, atomic_write_json
+from fed_userllm.server.runner import OPERATOR_PRIVATE, PHASES
+
+SECRET_SETTINGS = ("dp_seed",)
+
+
+class ReleaseRefused(ValueError):
+    """The run directory cannot be released under its privacy guarantee."""
+
+
+def release(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the public part of the finished DP run ``run_dir`` to the new folder ``out``; return ``out``."""
+    run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
+    if out.exists():
+        raise FileExistsError(f"--out {out} already exists: choose a new folder")
+    config = _read_config(run_dir)
+    settings = config["settings"]
+    if settings["dp"] == "none":
+        raise ReleaseRefused(f"{run_dir} was trained with dp='none': no privacy guarantee covers it, so there is "
+                             "nothing to release under one")
+    if settings["dp_seed"]:
+        raise ReleaseRefused(f"{run_dir} was trained with the fixed dp-seed={settings['dp_seed']}: anyone who "
+                             "guesses it can recompute the cohorts and subtract the noise, so its epsilon does not "
+                             "hold. Retrain with dp-seed=0 (a secret seed)")
+    phases = [p.strip() for p in settings["phases"].split(",") if p.strip()]
+    checkpoint = _finished_checkpoint(run_dir, phases)
+    report = audit(run_dir, expected_head_hash=checkpoint.get("ledger_head"))
+    if not report.ok:
+        raise ReleaseRefused(f"the privacy audit of {run_dir} fails: " + "; ".join(report.problems))
+    folders = [PHASES[name].output for name in phases]
+    for folder in folders:
+        _check_finite(run_dir / folder)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for folder in folders:
+            shutil.copytree(run_dir / folder, staging / folder)
+        public = {**config, "settings": {k: v for k, v in settings.items() if k not in SECRET_SETTINGS}}
+        atomic_write_json(staging / "config.json", public)
+        shutil.copyfile(run_dir / LEDGER_FILENAME, staging / LEDGER_FILENAME)
+        atomic_write_bytes(staging / "privacy_audit.json", report.to_json().encode())
+        atomic_write_bytes(staging / "privacy_audit.txt", (report.to_text() + "\n").encode())
+        atomic_write_bytes(staging / "RELEASE.md", _readme(report, folders).encode())
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a federated run directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def _finished_checkpoint(run_dir: Path, phases: list[str]) -> dict:
+    """The checkpoint of a finished run: every phase completed and the secret seed deleted."""
+    path = run_dir / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=False) if path.is_file() else {}
+    missing = [p for p in phases if p not in checkpoint.get("completed", [])]
+    if missing or "dp_seed" in checkpoint:
+        raise ReleaseRefused(f"{run_dir} has not finished (phases not completed: {missing or 'none'}; the secret "
+                             "seed is still in checkpoint.pt): resume it with resume=true, then release it")
+    return checkpoint
+
+
+def _check_finite(folder: Path) -> None:
+    files = sorted(folder.rglob("*.safetensors"))
+    if not files:
+        raise ReleaseRefused(f"{folder} holds no model (*.safetensors)")
+    for path in files:
+        for name, tensor in load_file(path).items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ReleaseRefused(f"{path}: tensor {name!r} holds NaN or infinite values; it cannot be released")
+
+
+def _readme(report, folders: list[str]) -> str:  # noqa: ANN001 (an AuditReport)
+    h, last = report.header, report.rounds[-1] if report.rounds else None
+    spent = (f"RDP epsilon {last.rdp_epsilon:.4g}, PRV epsilon {last.prv_epsilon:.4g}" if last is not None
+             else "epsilon 0 (no round was released)")
+    unit = "user (client)" if h["mechanism"] == USER_LEVEL else "training window of a client"
+    return f"""# Public release of a differentially private federated run
+
+Guarantee: {spent} at delta = {h['delta']:.3g}, for adding or removing one {unit}, composed over every
+released round.
+Mechanism: {h['mechanism']}, Poisson sampling, noise multiplier {h['noise_multiplier']:g}, clip norm {h['clip_norm']:g},
+N = {h['num_clients']} clients. Check it with `fed-userllm audit DIR`.
+
+| file | what it is | covered by |
+|---|---|---|
+{chr(10).join(f"| {f}/ | the final model of its phase | the guarantee (post-processing of released rounds) |"
+              for f in folders)}
+| config.json | the settings (without the secret dp-seed), client count, vocabulary sizes, noise, delta \
+| public parameters, chosen before training |
+| {LEDGER_FILENAME} | the hash-chained ledger: per round epsilon, phase and sampling rate with a keyed release \
+digest (user-level), or each client's DP-SGD rate and steps (sample-level) | the guarantee's parameters \
+(sample-level: a client's rate reveals its number of batches) |
+| privacy_audit.json, privacy_audit.txt | epsilon recomputed from the ledger (Opacus RDP and PRV) \
+| post-processing of the ledger |
+
+Not released (operator-private, see {OPERATOR_PRIVATE} in the run directory): training metrics, exact federated
+evaluation, the checkpoint with its seed while the run was unfinished, and the canaries of the empirical audit.
+"""
