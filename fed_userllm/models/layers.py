@@ -131,7 +131,8 @@ def position_ids(B: int, T: int, device: torch.device) -> torch.Tensor:
     return torch.arange(T, device=device).expand(B, T)
 
 
-def row_mean_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def row_mean_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy over real ids, averaged over each row's valid targets: [B].
 
     ``logits`` covers the full vocabulary; reserved ids are dropped from the softmax. A per-row mean (not a
@@ -139,7 +140,7 @@ def row_mean_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
     """
     logits = logits[..., NUM_RESERVED:]
     nll = F.cross_entropy(logits.flatten(0, -2), (targets - NUM_RESERVED).clamp(min=0).flatten(),
-                          reduction="none").view(targets.shape)
+                          reduction="none", label_smoothing=label_smoothing).view(targets.shape)
     valid = valid.to(nll.dtype)
     return (nll * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
 
