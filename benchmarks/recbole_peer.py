@@ -23,9 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recbole.config import Config
-from recbole.data import create_dataset, data_preparation
-from recbole.utils import ModelType, get_model, get_trainer, init_logger, init_seed
 
 PROTOCOL = {
     "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
@@ -51,6 +48,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="RecBole's epochs (default: RecBole's own)")
     parser.add_argument("--train-batch-size", type=int, help="RecBole's train_batch_size (default: RecBole's own)")
     args = parser.parse_args()
+    from recbole.config import Config  # imported after parsing: `--help` works without RecBole installed
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import ModelType, get_model, get_trainer, init_logger, init_seed
+
     out, data = Path(args.out).resolve(), Path(args.data).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(out)  # RecBole writes its log/ and log_tensorboard/ folders into the working directory
@@ -104,6 +105,8 @@ def main() -> None:
 @torch.no_grad()
 def split_scores(model, data, dataset, config) -> dict[str, np.ndarray]:
     """Users, targets, histories and scores in the atomic files' ids (user index, item vocabulary id)."""
+    from recbole.utils import ModelType
+
     model.eval()
     item_token = np.array([-1] + [int(t) for t in dataset.field2id_token["item_id"][1:]])
     user_token = np.array([-1] + [int(t) for t in dataset.field2id_token["user_id"][1:]])
