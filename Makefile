@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -40,5 +40,20 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $(BIN)/python $$script"; $(BIN)/python $$script --help || exit 1; echo; done
 
+# The encoders side by side with RecBole's (docs/encoders.md): RecBole lives in its own venv, never in the
+# project's; hours on 2 cores (each peer stops after --budget-minutes); resumable.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): benchmarks/requirements-peers.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q torch==2.13.0
+	$(PEERS_VENV)/bin/pip install -q -r benchmarks/requirements-peers.txt
+	$(PEERS_VENV)/bin/pip install -q --no-deps recbole==1.2.1
+	touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	nice -n 10 $(BIN)/python benchmarks/peers.py --peer-python $(PEERS_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) runs artifacts .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) runs artifacts .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ from fed_userllm.models import (
     PopularityConfig,
     load_pretrained,
 )
+from fed_userllm.models.ar_encoder import SEEN_SCALE
 
 VOCAB = {"item": 23, "genre": 7, "rating": 8}
 MAX_LEN = 12
@@ -200,6 +201,69 @@ def test_loss_decreases_on_a_learnable_task(cls, pattern):
     assert torch.equal(top1, NUM_RESERVED + (last + step - NUM_RESERVED) % (VOCAB["item"] - NUM_RESERVED))
 
 
+def test_seen_offset_moves_exactly_the_history_items():
+    torch.manual_seed(0)
+    model = tiny(ARUserEncoder, seen_offset=True).eval()
+    batch = make_batch([5, 2, 9], T=9)
+    with torch.no_grad():
+        plain = model.score_items(batch)
+        model.seen.weight.fill_(-0.7)
+        shifted = model.score_items(batch)
+    expected = torch.zeros_like(plain)
+    for row in range(3):
+        history = batch["item"][row][batch["mask"][row]]
+        expected[row, history] = -0.7 * SEEN_SCALE  # padding (id 0) is not in the history
+    torch.testing.assert_close(shifted - plain, expected, atol=1e-5, rtol=0)
+
+
+def test_seen_offset_in_training_covers_only_the_events_so_far():
+    """Position t predicts event t + 1 with the items of events 0..t marked seen (a loop as the reference)."""
+    torch.manual_seed(0)
+    model = tiny(ARUserEncoder, seen_offset=True, dropout=0.0, loss_weights={"item": 1.0, "genre": 1e-9,
+                                                                             "rating": 1e-9}).eval()
+    batch = make_batch([7, 4], T=7, seed=3)
+    batch["item"][0, 4] = batch["item"][0, 1]  # a repeat: seen at t >= 1, the target of position 3
+    with torch.no_grad():
+        model.seen.weight.fill_(-0.4)
+        h = model.encode(batch)
+        rows = []
+        for row in range(2):
+            n = int(batch["mask"][row].sum())
+            nll = []
+            for t in range(n - 1):
+                logits = model.logits(h[row, t], "item").clone()
+                logits[batch["item"][row, :t + 1]] += -0.4 * SEEN_SCALE
+                nll.append(F.cross_entropy(logits[NUM_RESERVED:], batch["item"][row, t + 1] - NUM_RESERVED))
+            rows.append(torch.stack(nll).mean())
+        torch.testing.assert_close(model.loss(batch), torch.stack(rows).mean(), atol=1e-4, rtol=1e-4)
+
+
+def test_seen_offset_learns_that_items_do_not_repeat():
+    """Rows are random permutations (no item twice): the offset turns negative and the top item is never seen."""
+    torch.manual_seed(0)
+    model = tiny(ARUserEncoder, seen_offset=True, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    n_items = VOCAB["item"] - NUM_RESERVED
+
+    def permutations(rows: int) -> dict:
+        batch = make_batch([MAX_LEN] * rows, T=MAX_LEN, seed=int(torch.randint(1000, (1,), generator=gen)))
+        batch["item"] = torch.stack([torch.randperm(n_items, generator=gen)[:MAX_LEN] for _ in range(rows)])
+        batch["item"] += NUM_RESERVED
+        return batch
+
+    for _ in range(40):
+        loss = model.loss(permutations(16))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.seen.weight.item() * SEEN_SCALE < -2.0
+    test = permutations(32)
+    with torch.no_grad():
+        top = model.eval().score_items(test)[:, NUM_RESERVED:].argmax(1) + NUM_RESERVED
+    assert not (top[:, None] == test["item"]).any()
+
+
 @pytest.mark.parametrize("cls", ENCODERS)
 def test_bad_batches_raise(cls):
     model = tiny(cls)
@@ -224,6 +288,7 @@ def test_bad_batches_raise(cls):
         (ARUserEncoder, {"loss_weights": {"item": 1.0}}, "loss_weights"),
         (ARUserEncoder, {"loss_weights": {"item": 1.0, "genre": 0.0, "rating": 1.0}}, "positive"),
         (ARUserEncoder, {"features": ("genre",), "feature_dims": {"genre": 8}}, "including 'item'"),
+        (ARUserEncoder, {"label_smoothing": 1.0}, "label_smoothing"),
         (DualEncoder, {"label_weights": {"item": 1.0, "tag": 1.0}}, "label_weights"),
         (DualEncoder, {"num_user_embeddings": 0}, "num_user_embeddings"),
         (BERT4Rec, {"mask_prob": 0.0}, "mask_prob"),

@@ -102,3 +102,13 @@ def test_the_check_catches_broken_models(cls, broken):
     model = tiny(cls, dropout=0.0)
     model.train()
     assert broken in per_sample_mismatches(model, BATCH, loss_fn(model))
+
+
+def test_opacus_per_sample_gradients_are_exact_with_the_seen_offset_and_label_smoothing():
+    torch.manual_seed(0)
+    model = tiny(ARUserEncoder, dropout=0.0, seen_offset=True, label_smoothing=0.1)
+    with torch.no_grad():
+        model.seen.weight.fill_(-0.3)  # zero at init: make its gradient paths non-trivial
+    model.train()
+    assert "seen.weight" in {n for n, _ in model.named_parameters()}
+    assert per_sample_mismatches(model, BATCH, loss_fn(model)) == []

@@ -14,6 +14,7 @@ from fed_userllm.extras import EXTRAS
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 FIRST_PARTY = {"fed_userllm", "llm_fixtures"}
+PEER_RUNNER = ROOT / "benchmarks" / "recbole_peer.py"  # runs in RecBole's own venv (make bench-peers)
 
 
 def canonical(name: str) -> str:
@@ -25,9 +26,11 @@ def declared(requirements: list[str]) -> set[str]:
 
 
 def imported_modules(folder: Path) -> set[str]:
-    """Top-level names of the absolute imports of every Python file under ``folder``."""
+    """Top-level names of the absolute imports of every Python file under ``folder`` (a file: that file)."""
     names = set()
-    for path in folder.rglob("*.py"):
+    for path in [folder] if folder.is_file() else folder.rglob("*.py"):
+        if path == PEER_RUNNER and folder != PEER_RUNNER:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names |= {alias.name.split(".")[0] for alias in node.names}
@@ -47,6 +50,15 @@ def test_every_imported_package_is_declared():
             for module in imported_modules(ROOT / folder):
                 owners = {canonical(d) for d in distributions.get(module, [])}
                 assert owners & allowed, f"{folder}/ imports {module} (from {owners or '?'}): not declared"
+
+
+def test_the_peer_runner_imports_only_what_its_own_venv_declares():
+    """RecBole is never a dependency of the project: its runner imports what requirements-peers.txt pins,
+    plus recbole itself (installed --no-deps by the Makefile)."""
+    lines = (ROOT / "benchmarks" / "requirements-peers.txt").read_text().splitlines()
+    allowed = declared([line for line in lines if line and not line.startswith("#")]) | {"recbole"}
+    assert {canonical(m) for m in imported_modules(PEER_RUNNER)} <= allowed
+    assert "recbole" not in str(PYPROJECT)
 
 
 def test_extras_are_declared_and_all_installs_them():

@@ -20,11 +20,13 @@ ENCODERS = {"ar": (ARUserEncoder, ARUserEncoderConfig), "dual": (DualEncoder, Du
 
 
 def build_encoder(name: str, vocab_sizes: dict[str, int], max_len: int, d_model: int, n_layers: int, n_heads: int,
-                  dropout: float, item_dim: int, item_features: np.ndarray | None = None) -> torch.nn.Module:
+                  dropout: float, item_dim: int, item_features: np.ndarray | None = None,
+                  **options) -> torch.nn.Module:
     """A fresh encoder ``name`` (ar | dual | bert4rec) for windows of ``max_len`` events (plus the target).
 
     ``item_features`` [vocab, dim], the public item table (`fed_userllm.data.item_features`), makes the
     encoder read and score items through it (``item_features="public"``) instead of a learned table.
+    ``options`` are further fields of the encoder's config (e.g. ``seen_offset`` of the AR encoder).
     """
     if name not in ENCODERS:
         raise ValueError(f"model={name!r}: expected one of {sorted(ENCODERS)}")
@@ -32,7 +34,8 @@ def build_encoder(name: str, vocab_sizes: dict[str, int], max_len: int, d_model:
     public = {} if item_features is None else {"item_features": "public",
                                                 "public_feature_dim": int(item_features.shape[1])}
     config = with_item_dim(config_class(vocab_sizes=vocab_sizes, max_len=max_len + 1, d_model=d_model,
-                                        n_layers=n_layers, n_heads=n_heads, dropout=dropout, **public), item_dim)
+                                        n_layers=n_layers, n_heads=n_heads, dropout=dropout, **public, **options),
+                            item_dim)
     if item_features is None:
         return model_class(config)
     return model_class(config, torch.from_numpy(np.asarray(item_features, dtype=np.float32)))

@@ -4,6 +4,9 @@ Each event's feature embeddings are concatenated and projected to ``d_model``; a
 the sequence into one user embedding per event. Per-feature heads predict the next event's features with
 softmaxes whose weights are tied to the input embedding tables. With ``item_features="public"`` items are read
 and scored through frozen public catalog features instead of a learned table (`models.public_items`).
+With ``seen_offset`` the item scores are repeat-aware: one learned offset is added to the score of every item
+already in the history, so a dataset whose users never repeat an item (ratings) learns to rank them last,
+and one with repeats learns how much to favour them.
 """
 
 from __future__ import annotations
@@ -30,15 +33,25 @@ from fed_userllm.models.layers import (
 )
 from fed_userllm.models.public_items import public_items
 
+# The seen-item indicator's value: scaling the offset's input scales its Adam steps, so the offset can move by
+# tens of logits within one training run instead of a few.
+SEEN_SCALE = 10.0
+
 
 @dataclass
 class ARUserEncoderConfig(EncoderConfig):
-    """``loss_weights`` (one positive weight per feature) defaults to item 1.0, other features 0.5."""
+    """``loss_weights`` (one positive weight per feature) defaults to item 1.0, other features 0.5.
+    ``seen_offset`` learns the repeat-aware item score offset; ``label_smoothing`` softens every feature's
+    next-event target."""
 
     loss_weights: dict[str, float] | None = None
+    seen_offset: bool = False
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing}: expected 0 <= label_smoothing < 1")
         if self.loss_weights is None:
             self.loss_weights = {f: 1.0 if f == "item" else 0.5 for f in self.features}
         self.loss_weights = check_per_feature("loss_weights", self.loss_weights, self.features, float)
@@ -79,6 +92,9 @@ class ARUserEncoder(Pretrained, nn.Module):
                 self.heads["item"].weight.zero_()
                 self.heads["item"].weight[:, c.d_model:] = c.content_prior * torch.eye(c.public_feature_dim)
         self.unembed.update({f: tied_output(self.embed[f]) for f in learned})
+        if c.seen_offset:  # an nn.Linear on the indicator, so Opacus computes its per-sample gradients
+            self.seen = nn.Linear(1, 1, bias=False)
+            nn.init.zeros_(self.seen.weight)
 
     @property
     def state_dim(self) -> int:
@@ -104,6 +120,18 @@ class ARUserEncoder(Pretrained, nn.Module):
         """Scores over ``feature``'s whole vocabulary from user embeddings h [..., d_model]."""
         return self.unembed[feature](self.heads[feature](h))
 
+    def first_seen(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, vocab] position of each item's first real occurrence in the row (T where it never occurs)."""
+        items, mask = batch["item"], batch["mask"]
+        B, T = items.shape
+        first = torch.full((B, self.config.vocab_sizes["item"]), T, dtype=torch.long, device=items.device)
+        positions = torch.where(mask, position_ids(B, T, items.device), T)
+        return first.scatter_reduce(1, items, positions, reduce="amin")
+
+    def seen_scores(self, seen: torch.Tensor) -> torch.Tensor:
+        """The learned offset for a bool indicator [..., vocab] of items already in the history."""
+        return self.seen((SEEN_SCALE * seen.to(self.seen.weight.dtype)).unsqueeze(-1)).squeeze(-1)
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Weighted next-event cross-entropy: position t predicts event t+1 where t+1 is real and not UNK.
 
@@ -114,7 +142,11 @@ class ARUserEncoder(Pretrained, nn.Module):
         for f, weight in self.config.loss_weights.items():
             target = batch[f][:, 1:]
             valid = batch["mask"][:, 1:] & (target >= NUM_RESERVED)
-            total = total + weight * row_mean_nll(self.logits(h, f), target, valid)
+            logits = self.logits(h, f)
+            if f == "item" and self.config.seen_offset:  # position t has seen the items at positions <= t
+                steps = torch.arange(h.shape[1], device=h.device)
+                logits = logits + self.seen_scores(self.first_seen(batch)[:, None, :] <= steps[None, :, None])
+            total = total + weight * row_mean_nll(logits, target, valid, self.config.label_smoothing)
         return total.mean()
 
     def next_logits(self, batch: dict[str, torch.Tensor], feature: str) -> torch.Tensor:
@@ -122,8 +154,11 @@ class ARUserEncoder(Pretrained, nn.Module):
         if feature not in self.config.features:
             raise ValueError(f"feature={feature!r}: expected one of the configured {self.config.features}")
         h = self.encode(batch)
-        last = h[torch.arange(h.shape[0], device=h.device), last_index(batch["mask"])]
-        return self.logits(last, feature)
+        last_step = last_index(batch["mask"])
+        logits = self.logits(h[torch.arange(h.shape[0], device=h.device), last_step], feature)
+        if feature == "item" and self.config.seen_offset:
+            logits = logits + self.seen_scores(self.first_seen(batch) <= last_step[:, None])
+        return logits
 
     @property
     def next_item_dim(self) -> int:

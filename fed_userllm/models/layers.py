@@ -131,15 +131,23 @@ def position_ids(B: int, T: int, device: torch.device) -> torch.Tensor:
     return torch.arange(T, device=device).expand(B, T)
 
 
-def row_mean_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def row_mean_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy over real ids, averaged over each row's valid targets: [B].
 
-    ``logits`` covers the full vocabulary; reserved ids are dropped from the softmax. A per-row mean (not a
+    ``logits`` covers the full vocabulary; reserved ids are dropped from the softmax (scored -inf in place of
+    slicing them off, which would copy the [.., vocab] logits forward and backward). A per-row mean (not a
     mean over all tokens of the batch) keeps each sample's loss independent of the others, as DP-SGD needs.
+    ``label_smoothing`` spreads that share of the target over the real ids.
     """
-    logits = logits[..., NUM_RESERVED:]
-    nll = F.cross_entropy(logits.flatten(0, -2), (targets - NUM_RESERVED).clamp(min=0).flatten(),
-                          reduction="none").view(targets.shape)
+    reserved = torch.arange(logits.shape[-1], device=logits.device) < NUM_RESERVED
+    logits = logits.masked_fill(reserved, float("-inf"))
+    targets = targets.clamp(min=NUM_RESERVED)
+    nll = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+    if label_smoothing:
+        log_normalizer = nll + logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        spread = log_normalizer - logits[..., NUM_RESERVED:].mean(-1)  # mean -log p over the real ids
+        nll = (1 - label_smoothing) * nll + label_smoothing * spread
     valid = valid.to(nll.dtype)
     return (nll * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
 

@@ -38,8 +38,10 @@ def build_model(config: PretrainConfig, seq: UserSequences) -> torch.nn.Module:
     features = None
     if config.item_features == "public":
         features = public_item_features(seq.catalog, seq.vocabs["item"], ItemFeatureSpec(llm=config.item_features_llm))
+    options = {"seen_offset": config.seen_offset, "label_smoothing": config.label_smoothing} \
+        if config.model == "ar" else {}
     return build_encoder(config.model, seq.vocab_sizes, seq.max_len, config.d_model, config.n_layers,
-                         config.n_heads, config.dropout, config.item_dim, features)
+                         config.n_heads, config.dropout, config.item_dim, features, **options)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float):
@@ -82,7 +84,7 @@ def pretrain(config: PretrainConfig, run_dir: str | Path, resume: bool = False,
         model.save_pretrained(run_dir / "best")
         return _finish(model, seq, run_dir, device)
 
-    windows = seq.windows()
+    windows = seq.windows(stride=config.window_stride or None)
     steps_per_epoch = math.ceil(len(windows) / config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
