@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fed_userllm.privacy import Canaries, empirical_audit, estimate_epsilon, gaussian_epsilon  # noqa: E402
+from fed_userllm.rundir import RunDir
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
 from fed_userllm.server.local_grid import run_local  # noqa: E402
 
@@ -75,7 +76,7 @@ def federated(sigma: float, canaries: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         run_dir = run_local({**RUN, "noise-multiplier": sigma, "canaries": canaries, "run-dir": f"{folder}/run"})
         (phase,) = empirical_audit(run_dir)
-        test = json.loads((run_dir / "results.json").read_text())["pretrain"]["test"]
+        test = RunDir(run_dir).read_results()["pretrain"]["test"]
     e = phase.estimate
     return {"sigma": sigma, "rounds": phase.rounds, "dimension": phase.dimension, "estimate": e.epsilon,
             "ci_low": e.ci_low, "ci_high": e.ci_high, "bound_rdp": phase.bound_rdp, "bound_prv": phase.bound_prv,

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fed_userllm.models import load_pretrained  # noqa: E402
+from fed_userllm.rundir import RunDir, find_encoder
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
 from fed_userllm.train.centralized import pretrain  # noqa: E402
 from fed_userllm.train.pretrain_config import MODEL_NAMES, PretrainConfig  # noqa: E402
@@ -43,14 +44,13 @@ def main() -> None:
         config = PretrainConfig(dataset=args.dataset, model=name, epochs=args.epochs)
         start = time.time()
         metrics = pretrain(config, run_dir, resume=True, progress=False)
-        model = load_pretrained(run_dir / "best")
+        model = load_pretrained(find_encoder(run_dir).folder)
         result["models"][name] = {
             **{k: round(metrics["test"][k], 4) for k in METRICS},
             "val_ndcg@10": round(metrics["val"]["ndcg@10"], 4),
             "train_seconds": round(time.time() - start, 1),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "epochs_run": sum(1 for _ in open(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").exists()
-            else 0,
+            "epochs_run": len(RunDir(run_dir).read_metrics()),
         }
         print(f"{name}: {result['models'][name]}", flush=True)
     atomic_write_json(out / "encoders.json", result)

@@ -32,6 +32,7 @@ from fed_userllm.export.build import export_encoder, resolve_run
 from fed_userllm.export.device import PteEncoder
 from fed_userllm.export.graph import ExportableEncoder
 from fed_userllm.models import load_pretrained
+from fed_userllm.rundir import RunDir
 from fed_userllm.runtime import atomic_write_json
 from fed_userllm.train.centralized import pretrain
 from fed_userllm.train.pretrain_config import PretrainConfig
@@ -44,7 +45,7 @@ VARIANTS = {"pte_float": {"quantize": None, "dynamic": True},
 def quick_run(out: Path, dataset: str) -> Path:
     config = PretrainConfig(dataset=dataset, max_len=50, d_model=128, n_layers=4, n_heads=4, epochs=1,
                             batch_size=64, device="cpu")
-    pretrain(config, out / "encoder", resume=(out / "encoder" / "config.json").exists(), progress=False)
+    pretrain(config, out / "encoder", resume=RunDir(out / "encoder").exists(), progress=False)
     return out / "encoder"
 
 

@@ -32,6 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fed_userllm.rundir import RunDir
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
 from fed_userllm.server.local_grid import app_defaults, run_local  # noqa: E402
 from fed_userllm.train.centralized import pretrain  # noqa: E402
@@ -118,7 +119,7 @@ def run_job(kind: str, settings: dict, run_dir: str) -> dict:
         results = pretrain(PretrainConfig(**settings), run_dir, resume=True, progress=False)
         record = {"test": results["test"], "val": results["val"]}
     else:
-        run_local({**settings, "run-dir": run_dir, "resume": (Path(run_dir) / "config.json").exists()})
+        run_local({**settings, "run-dir": run_dir, "resume": RunDir(run_dir).exists()})
         record = federated_record(Path(run_dir))
     record |= {"seconds": round(time.time() - began, 1),
                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
@@ -128,9 +129,8 @@ def run_job(kind: str, settings: dict, run_dir: str) -> dict:
 
 def federated_record(run_dir: Path) -> dict:
     """Test metrics (every phase), epsilon, clients and seconds per round of a finished federated run."""
-    results = json.loads((run_dir / "results.json").read_text())
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    config = json.loads((run_dir / "config.json").read_text())
+    run = RunDir(run_dir)
+    results, rounds, config = run.read_results(), run.read_metrics(), run.read_config()
     last = "pretrain" if "pretrain" in results else next(iter(results))
     train = [r for r in rounds if r["phase"] == last]
     seconds = sorted(r["round_seconds"] - r.get("eval_seconds", 0.0) for r in train)

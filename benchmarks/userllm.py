@@ -38,6 +38,7 @@ from fed_userllm.eval.ranking import finalize, ranking_sums, target_ranks  # noq
 from fed_userllm.models import ARUserEncoder, ARUserEncoderConfig, Popularity, PopularityConfig  # noqa: E402
 from fed_userllm.models.llm import load_llm  # noqa: E402
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig  # noqa: E402
+from fed_userllm.rundir import RunDir
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
 from fed_userllm.tasks import FavGenre, NextItem, Task  # noqa: E402
 from fed_userllm.tasks.catalog import CatalogScorer  # noqa: E402
@@ -190,7 +191,7 @@ def evaluate_variant(task_name: str, name: str, base, args) -> dict:
     run_settings = dataclasses.replace(config, eval_users=0)  # evaluated below, on the test split only
     results = contextualize(run_settings, out / name, resume=True, progress=False, base=base)
     model, task = prepare(run_settings, base)  # the trained model, rebuilt from the run's final checkpoint
-    state = torch.load(out / name / "checkpoint.pt", map_location="cpu", weights_only=True)
+    state = RunDir(out / name).load_checkpoint(map_location="cpu")
     load_trainable_state(model, state["trainable"])
     del state
     metrics, seconds = cached_eval(model, task, config, out / name / f"test-eval-{args.eval_users}.json")

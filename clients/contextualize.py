@@ -11,7 +11,6 @@ the phase from the pretrained encoder and to save the result.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +24,7 @@ from fed_userllm.clients.task import build_model, load_data
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig
+from fed_userllm.rundir import find_encoder
 from fed_userllm.runtime import resolve_device
 from fed_userllm.tasks import NextItem, Task, evaluate
 from fed_userllm.tasks.catalog import CatalogScorer
@@ -86,23 +86,14 @@ def catalog_scorer(model: UserLLM, task: NextItem) -> CatalogScorer:
     return CatalogScorer.for_task(model, task)
 
 
-def encoder_dir(source: str | Path) -> Path:
-    """The saved encoder in ``source``: a Flower run's final/, a `fed-userllm pretrain` run's best/, or itself."""
-    source = Path(source).expanduser()
-    for candidate in (source / "final", source / "best", source):
-        config = candidate / "config.json"
-        if config.is_file() and "model_type" in json.loads(config.read_text()):
-            return candidate
-    raise FileNotFoundError(f"encoder={str(source)!r}: expected a saved encoder (config.json with model_type + "
-                            "model.safetensors), a Flower run directory with final/ or a `fed-userllm pretrain` "
-                            "run directory with best/")
-
-
 def initial_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], encoder_source: str | Path) -> UserLLM:
     """The phase's starting model: the pretrained encoder of ``encoder_source``, the new layers as initialised."""
     shared = shared_userllm(cfg, vocab_sizes)
     model = shared.model
-    path = encoder_dir(encoder_source)
+    try:
+        path = find_encoder(encoder_source).folder
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"encoder={str(encoder_source)!r}: {err}") from err
     pretrained = load_pretrained(path)
     if pretrained.config != model.encoder.config:
         raise ValueError(f"the encoder in {path} ({pretrained.config}) differs from the one the run config "

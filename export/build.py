@@ -35,6 +35,7 @@ from fed_userllm.export.artifact import FORMAT, MANIFEST_NAME, PTE_NAME, Artifac
 from fed_userllm.export.device import PteEncoder
 from fed_userllm.export.graph import ExportableEncoder
 from fed_userllm.models import ARUserEncoder, load_pretrained
+from fed_userllm.rundir import find_encoder
 from fed_userllm.runtime import atomic_write_bytes, atomic_write_json
 
 QUANTIZE = (None, "int8")
@@ -47,24 +48,16 @@ class ParityError(RuntimeError):
     """The exported program does not reproduce the eager model within the stated tolerance."""
 
 
-def resolve_run(run_dir: str | Path, dataset: str | None = None,
+def resolve_run(path: str | Path, dataset: str | None = None,
                 max_len: int | None = None) -> tuple[Path, str, int | None]:
-    """(model folder, dataset, history length) of a run dir with best/ or final/, or of a model folder.
-
-    ``dataset`` and ``max_len`` default to the run's config.json; a bare model folder needs ``dataset``.
-    """
-    run_dir = Path(run_dir)
-    folder = next((f for f in (run_dir / "best", run_dir / "final", run_dir)
-                   if (f / "model.safetensors").is_file() and (f / "config.json").is_file()), None)
-    if folder is None:
-        raise FileNotFoundError(f"{run_dir}: no trained model; expected a run folder with best/ or final/ "
-                                "(config.json + model.safetensors) or such a model folder itself")
-    run_config = json.loads((run_dir / "config.json").read_text()) if folder != run_dir else {}
-    dataset = dataset or run_config.get("dataset")
+    """(model folder, dataset, history length) of a run of any kind or of a model folder
+    (`fed_userllm.rundir.find_encoder`); ``dataset`` and ``max_len`` override the run's own."""
+    source = find_encoder(path)
+    dataset = dataset or source.dataset
     if not dataset:
-        raise ValueError(f"{run_dir} is a model folder without a run config: pass dataset= (the dataset it "
+        raise ValueError(f"{path} is a model folder outside a run directory: pass dataset= (the dataset it "
                          "was trained on; its vocabularies go into the manifest)")
-    return folder, dataset, max_len or run_config.get("max_len")
+    return source.folder, dataset, max_len or source.max_len
 
 
 def lower(module: ExportableEncoder, quantize: str | None = None, dynamic: bool = True) -> tuple[bytes, dict]:

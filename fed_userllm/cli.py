@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
+from pathlib import Path
 from typing import TypeVar
 
 import fed_userllm
@@ -27,6 +28,7 @@ DATASET_HELP = ("ml-latest-small (embedded, the default), a GroupLens name (ml-1
                 "ml-32m, ml-latest: downloaded), 'synthetic:users=N,items=M', or a folder path")
 THREADS_HELP = "torch intra-op threads"
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+RUN_HELP = ("a run directory (pretrain, contextualize or Flower; e.g. runs/latest) or one of its model folders")
 QUIET_ENV = {"TORCH_LOGS": "-torch", "TRANSFORMERS_VERBOSITY": "error",  # their loggers: errors only
              "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # e.g. transformers' "Loading weights" bars
 
@@ -80,10 +82,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from fed_userllm.privacy.audit import audit
-    from fed_userllm.runtime import atomic_write_bytes
+    from fed_userllm.rundir import RunDir
 
     report = audit(args.run_dir, expected_head_hash=args.head)
     text, as_json = report.to_text(), report.to_json()
@@ -98,9 +98,21 @@ def _audit(args: argparse.Namespace) -> int:
         as_json = json.dumps({**json.loads(as_json), "empirical": [p.to_dict() for p in phases]}, indent=2)
     print(as_json if args.json else text)
     if Path(args.run_dir).is_dir():
-        atomic_write_bytes(Path(args.run_dir) / "privacy_audit.json", as_json.encode())
-        atomic_write_bytes(Path(args.run_dir) / "privacy_audit.txt", text.encode())
+        RunDir(args.run_dir).write_audit(as_json, text)
     return 1 if failed else 0
+
+
+def _runs(args: argparse.Namespace) -> None:
+    from fed_userllm.rundir import LATEST, list_runs
+
+    listed = list_runs(args.root)
+    if not listed:
+        print(f"no runs in {args.root}")
+    for run, kind in listed:
+        print(f"{kind:<14} {run.path}")
+    latest = Path(args.root) / LATEST
+    if latest.is_symlink():
+        print(f"{LATEST}: {latest.resolve()}")
 
 
 def _release(args: argparse.Namespace) -> None:
@@ -165,7 +177,6 @@ def _serve(args: argparse.Namespace) -> None:
 def _deploy(args: argparse.Namespace) -> int:
     import signal
     import time
-    from pathlib import Path
 
     from fed_userllm.deploy import APP, LocalDeployment
 
@@ -264,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     _add_settings(pre, PretrainConfig)
 
-    ev = _add_command(commands, "evaluate", _evaluate, "full-ranking metrics of a pretraining run's best model",
-                      verbose)
-    ev.add_argument("run_dir", help="pretraining run directory")
+    ev = _add_command(commands, "evaluate", _evaluate, "full-ranking metrics of a run's user encoder on its own "
+                                                       "dataset", verbose)
+    ev.add_argument("run_dir", help=RUN_HELP)
     ev.add_argument("--split", choices=("val", "test"), default="test", help="the split evaluated")
     ev.add_argument("--mask-seen", action=argparse.BooleanOptionalAction, default=False,
                     help="exclude items already in the history from the ranking")
@@ -282,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--empirical", action=argparse.BooleanOptionalAction, default=False,
                     help="also estimate epsilon from the run's canaries (one-shot audit) beside the bound")
 
+    lst = _add_command(commands, "runs", _runs, "list the runs in a folder, newest first, and what latest points "
+                                                "at", verbose)
+    lst.add_argument("root", nargs="?", default="runs", help="folder holding run directories")
+
     rel = _add_command(commands, "release", _release, "copy out of a finished DP run only what its (epsilon, "
                                                       "delta) covers", verbose)
     rel.add_argument("run_dir", help="Flower run directory")
@@ -295,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctx.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     _add_settings(ctx, ContextualizeConfig)
 
-    evl = _add_command(commands, "evaluate-llm", _evaluate_llm, "task metrics of a contextualization run or a "
-                                                                "Flower run's userllm/", verbose)
-    evl.add_argument("run_dir", help="contextualization run directory or a Flower run's userllm/")
+    evl = _add_command(commands, "evaluate-llm", _evaluate_llm, "task metrics of a contextualize or Flower run's "
+                                                                "User-LLM", verbose)
+    evl.add_argument("run_dir", help=RUN_HELP)
     evl.add_argument("--split", choices=("val", "test"), default="test", help="the split evaluated")
     evl.add_argument("--num-users", type=int, default=None, help="users evaluated (default: the run's eval_users)")
     evl.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -305,10 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = _add_command(commands, "export", _export, "export a trained AR encoder to an ExecuTorch .pte + manifest",
                        verbose)
-    exp.add_argument("run_dir", help="pretraining/federated run directory (best/ or final/) or a model folder")
+    exp.add_argument("run_dir", help=RUN_HELP)
     exp.add_argument("--out", required=True, help="artifact folder (e.g. artifacts/ar)")
     exp.add_argument("--quantize", choices=("int8",), default=None, help="int8 weights (default: float32)")
-    exp.add_argument("--dataset", default=None, help="dataset of a bare model folder (default: the run's)")
+    exp.add_argument("--dataset", default=None, help="dataset of a model folder outside any run (default: the "
+                                                     "run's)")
     exp.add_argument("--max-len", type=int, default=None,
                      help="longest on-device history in events (default: the run's)")
     exp.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=False,
@@ -323,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", default=None, help="output .json (the serving API's user object) or .npy "
                                                  "(default: print the summary only)")
 
-    srv = _add_command(commands, "serve", _serve, "serve a contextualization run over HTTP (OpenAI-compatible "
-                                                  "chat completions, Prometheus metrics)", verbose)
-    srv.add_argument("--model", required=True, help="contextualization run directory")
+    srv = _add_command(commands, "serve", _serve, "serve a contextualize or Flower run's User-LLM over HTTP "
+                                                  "(OpenAI-compatible chat completions, Prometheus metrics)", verbose)
+    srv.add_argument("--model", required=True, help=RUN_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on")
     srv.add_argument("--api-key", default=None, help="bearer token required on every endpoint but /healthz "

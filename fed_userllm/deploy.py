@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fed_userllm.rundir import RunDir
+
 APP = Path(__file__).resolve().parents[1] / "simulations" / "movielens"
 CONNECTION = "local-deployment"
 # Real SuperNodes: send a whole round at once (max-in-flight only throttles the simulation engine's polling).
@@ -256,7 +258,7 @@ class LocalDeployment:
                     proc.wait()
                 self.processes.remove(proc)
         output = "".join(lines)
-        if FINISHED not in output or not (run_dir / "results.json").is_file():
+        if FINISHED not in output or not RunDir(run_dir).results.is_file():
             reason = f"timed out after {timeout:g}s" if timeout and proc.returncode == -9 else "did not finish"
             raise RuntimeError(f"the run {reason} (flwr exit code {proc.returncode}); log {log_path}, "
                                f"SuperLink log {self.logs / 'superlink.log'}:\n{output[-3000:]}")

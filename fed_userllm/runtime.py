@@ -1,4 +1,5 @@
-"""Device, threads, seeds and atomic writes: the small runtime facts every entry point needs."""
+"""Device, threads, seeds and atomic writes: the small runtime facts every entry point needs (torch is
+imported where it is used, so torch-free commands can write files atomically)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import os
 import random
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; anything else is passed to torch (with a clear error)."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -27,12 +31,17 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def set_threads(threads: int) -> None:
     """Torch intra-op threads (1 is fastest on a loaded 2-core VM; see the README)."""
+    import torch
+
     if threads < 1:
         raise ValueError(f"threads={threads}: expected >= 1")
     torch.set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -59,6 +68,8 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -10,15 +9,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+from fed_userllm.rundir import PLOTS, RunDir  # noqa: E402
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def plot_run(run: RunDir) -> list[Path]:
     """metrics.png (train loss and validation metrics vs round) and, for DP runs, epsilon.png."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = run.read_metrics()
+    metrics_png, epsilon_png = (run / name for name in PLOTS)
     written = []
     fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for phase in dict.fromkeys(r["phase"] for r in records):
@@ -35,9 +32,9 @@ def plot_run(run_dir: Path) -> list[Path]:
         if ax.has_data():
             ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "metrics.png", dpi=120)
+    fig.savefig(metrics_png, dpi=120)
     plt.close(fig)
-    written.append(run_dir / "metrics.png")
+    written.append(metrics_png)
     rows = [r for r in records if "epsilon" in r]
     if rows:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -46,7 +43,7 @@ def plot_run(run_dir: Path) -> list[Path]:
                title="privacy spent")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(run_dir / "epsilon.png", dpi=120)
+        fig.savefig(epsilon_png, dpi=120)
         plt.close(fig)
-        written.append(run_dir / "epsilon.png")
+        written.append(epsilon_png)
     return written

@@ -11,7 +11,6 @@ charged rounds, and a non-finite model. The release appears atomically: written 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from fed_userllm.privacy import USER_LEVEL, audit
-from fed_userllm.privacy.ledger import LEDGER_FILENAME
-from fed_userllm.runtime import atomic_write_bytes, atomic_write_json
-from fed_userllm.server.runner import OPERATOR_PRIVATE, PHASES
+from fed_userllm.rundir import AUDIT_JSON, AUDIT_TEXT, CONFIG, LEDGER, OPERATOR_PRIVATE, RELEASE_README, RunDir
+from fed_userllm.runtime import atomic_write_bytes
+from fed_userllm.server.runner import PHASES
 
 SECRET_SETTINGS = ("dp_seed",)
 
@@ -36,7 +35,7 @@ def release(run_dir: str | Path, out: str | Path) -> Path:
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
     if out.exists():
         raise FileExistsError(f"--out {out} already exists: choose a new folder")
-    config = _read_config(run_dir)
+    config = RunDir(run_dir).read_config()
     settings = config["settings"]
     if settings["dp"] == "none":
         raise ReleaseRefused(f"{run_dir} was trained with dp='none': no privacy guarantee covers it, so there is "
@@ -60,11 +59,11 @@ def release(run_dir: str | Path, out: str | Path) -> Path:
         for folder in folders:
             shutil.copytree(run_dir / folder, staging / folder)
         public = {**config, "settings": {k: v for k, v in settings.items() if k not in SECRET_SETTINGS}}
-        atomic_write_json(staging / "config.json", public)
-        shutil.copyfile(run_dir / LEDGER_FILENAME, staging / LEDGER_FILENAME)
-        atomic_write_bytes(staging / "privacy_audit.json", report.to_json().encode())
-        atomic_write_bytes(staging / "privacy_audit.txt", (report.to_text() + "\n").encode())
-        atomic_write_bytes(staging / "RELEASE.md", _readme(report, folders).encode())
+        released = RunDir(staging)
+        released.write_config(public)
+        shutil.copyfile(run_dir / LEDGER, released.ledger)
+        released.write_audit(report.to_json(), report.to_text() + "\n")
+        atomic_write_bytes(staging / RELEASE_README, _readme(report, folders).encode())
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -72,17 +71,9 @@ def release(run_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a federated run directory (no config.json)")
-    return json.loads(path.read_text())
-
-
 def _finished_checkpoint(run_dir: Path, phases: list[str]) -> dict:
     """The checkpoint of a finished run: every phase completed and the secret seed deleted."""
-    path = run_dir / "checkpoint.pt"
-    checkpoint = torch.load(path, weights_only=False) if path.is_file() else {}
+    checkpoint = RunDir(run_dir).load_checkpoint(weights_only=False)
     missing = [p for p in phases if p not in checkpoint.get("completed", [])]
     if missing or "dp_seed" in checkpoint:
         raise ReleaseRefused(f"{run_dir} has not finished (phases not completed: {missing or 'none'}; the secret "
@@ -116,12 +107,12 @@ N = {h['num_clients']} clients. Check it with `fed-userllm audit DIR`.
 |---|---|---|
 {chr(10).join(f"| {f}/ | the final model of its phase | the guarantee (post-processing of released rounds) |"
               for f in folders)}
-| config.json | the settings (without the secret dp-seed), client count, vocabulary sizes, noise, delta \
+| {CONFIG} | the settings (without the secret dp-seed), client count, vocabulary sizes, noise, delta \
 | public parameters, chosen before training |
-| {LEDGER_FILENAME} | the hash-chained ledger: per round epsilon, phase and sampling rate with a keyed release \
+| {LEDGER} | the hash-chained ledger: per round epsilon, phase and sampling rate with a keyed release \
 digest (user-level), or each client's DP-SGD rate and steps (sample-level) | the guarantee's parameters \
 (sample-level: a client's rate reveals its number of batches) |
-| privacy_audit.json, privacy_audit.txt | epsilon recomputed from the ledger (Opacus RDP and PRV) \
+| {AUDIT_JSON}, {AUDIT_TEXT} | epsilon recomputed from the ledger (Opacus RDP and PRV) \
 | post-processing of the ledger |
 
 Not released (operator-private, see {OPERATOR_PRIVATE} in the run directory): training metrics, exact federated

@@ -29,7 +29,6 @@ guarantee does not cover. `fed-userllm release` (`fed_userllm.server.release`) c
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import secrets
 import time
@@ -67,11 +66,9 @@ from fed_userllm.privacy import (
     release_digest,
 )
 from fed_userllm.privacy.ledger import read_ledger
+from fed_userllm.rundir import FINAL, OPERATOR_PRIVATE, POPULARITY, USERLLM, RunDir
 from fed_userllm.runtime import (
-    append_jsonl,
-    atomic_torch_save,
     atomic_write_bytes,
-    atomic_write_json,
     set_threads,
 )
 from fed_userllm.server.plots import plot_run
@@ -89,7 +86,6 @@ from fed_userllm.server.strategy import (
 RESUMABLE = ("resume", "run_dir", "round_timeout", "max_in_flight", "threads", "device")
 RETRIES = 2  # on-short-round="retry": fresh cohorts tried before the run stops
 METRIC_ORDER = ("recall@1", "recall@5", "recall@10", "ndcg@10", "fav_genre", "n")
-OPERATOR_PRIVATE = "OPERATOR-PRIVATE.md"
 OPERATOR_PRIVATE_TEXT = """\
 # Operator-private: do not publish this folder
 
@@ -157,7 +153,7 @@ def item_prior(run_dir: Path, cfg: FederatedConfig) -> torch.Tensor:
     """log of the released popularity, floored at half the release's noise std (items whose count is lost in
     the noise tie at the floor instead of being ranked by it)."""
     release = Popularity.from_pretrained(run_dir / PHASES["popularity"].output)
-    saved = _read_json(run_dir / "config.json")
+    saved = RunDir(run_dir).read_config()
     sigma, n = saved["privacy"]["noise_multiplier"], saved["num_clients"]
     noise_std = sigma * cfg.clip_norm / (cfg.popularity_fraction_train * n * math.sqrt(cfg.popularity_rounds))
     floor = 0.5 * noise_std if noise_std > 0 else 1e-3 * cfg.clip_norm / n
@@ -171,9 +167,9 @@ def _userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -
     return initial_userllm(cfg, vocab_sizes, source)
 
 
-PHASES = {"popularity": Phase("popularity", _popularity, "popularity"),
-          "pretrain": Phase("pretrain", _encoder, "final"),
-          "contextualize": Phase("contextualize", _userllm, "userllm")}
+PHASES = {"popularity": Phase("popularity", _popularity, POPULARITY),
+          "pretrain": Phase("pretrain", _encoder, FINAL),
+          "contextualize": Phase("contextualize", _userllm, USERLLM)}
 
 
 @dataclass(frozen=True)
@@ -203,12 +199,13 @@ NO_EVALUATION = ("not run under dp='sample': the server is the adversary there, 
 def run(grid: Grid, cfg: FederatedConfig) -> Path:
     """Run every phase of ``cfg`` (or resume them) and return the run directory."""
     set_threads(cfg.threads)
-    run_dir = resolve_run_dir(cfg)
+    run = resolve_run_dir(cfg)
+    run_dir = run.path
     federation = describe_federation(grid, cfg)
     privacy = resolve_privacy(cfg, federation)
-    write_or_check_config(run_dir, cfg, federation, privacy)
-    atomic_write_bytes(run_dir / OPERATOR_PRIVATE, OPERATOR_PRIVATE_TEXT.encode())
-    ckpt = _load_checkpoint(run_dir)
+    write_or_check_config(run, cfg, federation, privacy)
+    atomic_write_bytes(run / OPERATOR_PRIVATE, OPERATOR_PRIVATE_TEXT.encode())
+    ckpt = run.load_checkpoint(weights_only=False)
     ledger = open_ledger(run_dir, cfg, federation, privacy, ckpt.get("ledger_head"))
     state = RunState(grid, cfg, run_dir, federation, privacy, ledger,
                      cfg.dp_seed or ckpt.get("dp_seed") or secrets.randbits(63), ckpt.get("completed", []),
@@ -221,20 +218,19 @@ def run(grid: Grid, cfg: FederatedConfig) -> Path:
         ", ".join(f"{name} (q={cfg.for_phase(name).fraction_train:g})" for name in cfg.phase_names))
     results = {name: state.run_phase(PHASES[name], ckpt) for name in cfg.phase_names
                if name not in state.completed}
-    atomic_torch_save({k: v for k, v in _load_checkpoint(run_dir).items() if k != "dp_seed"},
-                      run_dir / "checkpoint.pt")  # done: the secret seed is no longer needed, drop it
-    plots = plot_run(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    run.save_checkpoint({k: v for k, v in run.load_checkpoint(weights_only=False).items()
+                         if k != "dp_seed"})  # done: the secret seed is no longer needed, drop it
+    plots = plot_run(run) if run.metrics.exists() else []
     log(INFO, "fed-userllm: finished. Run directory: %s", run_dir)
-    log(INFO, "fed-userllm:   metrics  %s (plots: %s)", run_dir / "metrics.jsonl",
-        ", ".join(p.name for p in plots))
+    log(INFO, "fed-userllm:   metrics  %s (plots: %s)", run.metrics, ", ".join(p.name for p in plots))
     for name, test in results.items():
-        log(INFO, "fed-userllm:   results  %s [%s, test] %s (operator-private)", run_dir / "results.json", name,
+        log(INFO, "fed-userllm:   results  %s [%s, test] %s (operator-private)", run.results, name,
             _fmt(test) if test is not None else NO_EVALUATION)
     for name in cfg.phase_names:
-        log(INFO, "fed-userllm:   model    %s [%s]", run_dir / PHASES[name].output, name)
+        log(INFO, "fed-userllm:   model    %s [%s]", run / PHASES[name].output, name)
     if state.ledger is not None:
-        report = run_dir / "privacy_report.txt"
-        report.write_text(audit(run_dir).to_text() + "\n")
+        report = run.privacy_report
+        atomic_write_bytes(report, (audit(run_dir).to_text() + "\n").encode())
         log(INFO, "fed-userllm:   privacy  %s (ledger %s): epsilon %.4g at delta %.3g", report,
             state.ledger.path, state.ledger.epsilon, privacy.delta)
         log(INFO, "fed-userllm:   public   `fed-userllm release %s --out DIR` writes what the epsilon covers; the "
@@ -255,6 +251,10 @@ class RunState:
     dp_seed: int  # secret: seeds the Poisson cohorts and the DP noise; kept in the checkpoint only
     completed: list[str]  # phases finished in this run directory
     pending_charge: dict | None = None  # a ledger round charged after the last checkpoint (a crash)
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     @property
     def federated_evaluation(self) -> bool:
@@ -282,7 +282,7 @@ class RunState:
             load_strategy_state(strategy, ckpt["strategy"])
             done = ckpt["round"]
             log(INFO, "fed-userllm: resuming phase %s after round %d", phase.name, done)
-        _truncate_metrics(self.run_dir / "metrics.jsonl", phase.name, done)
+        self.run.keep_metrics(lambda r: r["phase"] != phase.name or r["round"] <= done)
         eval_nodes = _sample_nodes(self.federation.nodes, cfg.eval_fraction, cfg.seed, 2)
         for rnd in range(done + 1, cfg.num_rounds + 1):
             if self.ledger is not None and self.ledger.rounds_remaining(cfg.fraction_train) == 0:
@@ -305,7 +305,7 @@ class RunState:
                 record["bytes_sent"] += sent
                 record["bytes_received"] += received
             record["round_seconds"] = time.time() - began
-            append_jsonl(self.run_dir / "metrics.jsonl", record)
+            self.run.append_metrics(record)
             self.checkpoint({"phase": phase.name, "round": rnd, "strategy": strategy_state(strategy),
                              "arrays": {k: v.numpy() for k, v in arrays.items()}})
             log(INFO, "fed-userllm: [%s] round %d/%d: %s", phase.name, rnd, cfg.num_rounds, _fmt(record))
@@ -323,10 +323,9 @@ class RunState:
             log(WARNING, "fed-userllm: [%s] federated evaluation %s", phase.name, NO_EVALUATION)
         privacy = ("operator-private: exact federated evaluation, not covered by the DP guarantee"
                    if test is not None else NO_EVALUATION)
-        atomic_write_json(self.run_dir / "results.json", _read_json(self.run_dir / "results.json")
-                          | {phase.name: {"test": test, "privacy": privacy}})
+        self.run.write_results(self.run.read_results() | {phase.name: {"test": test, "privacy": privacy}})
         self.completed.append(phase.name)
-        self.checkpoint(_load_checkpoint(self.run_dir))
+        self.checkpoint(self.run.load_checkpoint(weights_only=False))
         return test
 
     def train_round(self, phase: Phase, strategy, arrays: ArrayRecord,
@@ -443,23 +442,18 @@ class RunState:
 
     def checkpoint(self, ckpt: dict) -> None:
         """Atomically replace checkpoint.pt; it also carries the secret seed and the ledger's head hash."""
-        atomic_torch_save({**ckpt, "dp_seed": self.dp_seed, "completed": list(self.completed),
-                           "ledger_head": self.ledger.head_hash if self.ledger is not None else None},
-                          self.run_dir / "checkpoint.pt")
+        self.run.save_checkpoint({**ckpt, "dp_seed": self.dp_seed, "completed": list(self.completed),
+                                  "ledger_head": self.ledger.head_hash if self.ledger is not None else None})
 
 
-def resolve_run_dir(cfg: FederatedConfig) -> Path:
+def resolve_run_dir(cfg: FederatedConfig) -> RunDir:
     """``run-dir`` (default runs/flower-<timestamp> under the working directory); refuse to mix runs."""
     if not cfg.run_dir and cfg.resume:
         raise ValueError("resume=true needs run-dir=<the run directory to continue>")
-    path = Path(cfg.run_dir or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
-    has_run = (path / "config.json").exists()
-    if has_run and not cfg.resume:
-        raise FileExistsError(f"run-dir={str(path)!r} already holds a run: set resume=true to continue it, "
-                              "or choose another run-dir")
-    if cfg.resume and not has_run:
-        raise FileNotFoundError(f"resume=true but run-dir={str(path)!r} holds no run (no config.json)")
-    return path  # created with config.json, once the federation checks out
+    run = RunDir(Path(cfg.run_dir or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve())
+    run.check_resume(_settings(cfg), cfg.resume, section="settings", resume_flag="resume=true", out_flag="run-dir",
+                     require_run=True)
+    return run  # created with config.json, once the federation checks out
 
 
 def describe_federation(grid: Grid, cfg: FederatedConfig) -> Federation:
@@ -553,23 +547,24 @@ def open_ledger(run_dir: Path, cfg: FederatedConfig, federation: Federation, pri
     return ledger
 
 
-def write_or_check_config(run_dir: Path, cfg: FederatedConfig, federation: Federation,
-                          privacy: Privacy) -> None:
-    """Write config.json, or on resume check that nothing but `RESUMABLE` settings changed."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
+def _settings(cfg: FederatedConfig) -> dict:
+    """The settings a resumed run must keep (all but `RESUMABLE`)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
+
+
+def write_or_check_config(run: RunDir, cfg: FederatedConfig, federation: Federation, privacy: Privacy) -> None:
+    """Write config.json for a new run (and point ``latest`` at it), or on resume check that the federation
+    is the same (`resolve_run_dir` checked the settings)."""
+    if run.exists():
+        if run.read_config()["num_clients"] != federation.num_clients:
+            raise ValueError(f"{run.config} was written for {run.read_config()['num_clients']} clients, the "
+                             f"federation has {federation.num_clients}: a resumed run must use the same clients")
+        return
     resolved = {"mechanism": privacy.mechanism, "noise_multiplier": privacy.noise_multiplier,
                 "delta": privacy.delta, "max_rounds_within_budget": privacy.max_rounds}
-    saved = {"settings": settings, "num_clients": federation.num_clients,
-             "vocab_sizes": federation.vocab_sizes, "privacy": resolved}
-    path = run_dir / "config.json"
-    if path.exists():
-        old = _read_json(path)
-        changed = {k: (old["settings"].get(k), v) for k, v in settings.items() if old["settings"].get(k) != v}
-        if changed or old["num_clients"] != federation.num_clients:
-            raise ValueError(f"{path} was written with other settings {changed} (old, new): a resumed run "
-                             f"must use the same settings; only {', '.join(RESUMABLE)} may change")
-        return
-    atomic_write_json(path, saved)
+    run.write_config({"settings": _settings(cfg), "num_clients": federation.num_clients,
+                      "vocab_sizes": federation.vocab_sizes, "privacy": resolved})
+    run.mark_latest()
 
 
 def _charge(ledger: PrivacyLedger, privacy: Privacy, ok: list[Message], sample_rate: float, phase: str,
@@ -674,26 +669,6 @@ def _metric_rank(name: str) -> tuple[int, str]:
 def _payload_bytes(content: RecordDict) -> int:
     """Bytes of a message's records (array data plus metric/config values)."""
     return sum(record.count_bytes() for record in content.values())
-
-
-def _truncate_metrics(path: Path, phase: str, last_round: int) -> None:
-    """Drop metrics lines of rounds after the checkpoint (written before a crash, redone on resume)."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if not (json.loads(line)["phase"] == phase and json.loads(line)["round"]
-                                           > last_round)]
-    if len(keep) != len(lines):
-        atomic_write_bytes(path, "".join(keep).encode())
-
-
-def _load_checkpoint(run_dir: Path) -> dict:
-    path = run_dir / "checkpoint.pt"
-    return torch.load(path, weights_only=False) if path.exists() else {}
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _fmt(values: dict) -> str:

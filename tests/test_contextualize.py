@@ -12,10 +12,10 @@ import fed_userllm.train.contextualize as ctx
 from fed_userllm.data.reviews import read_reviews, review_sequences
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
 from fed_userllm.models.userllm import UserLLM
+from fed_userllm.rundir import RunDir
 from fed_userllm.train.centralized import pretrain
 from fed_userllm.train.contextualize import (
     Examples,
-    _check_run_dir,
     contextualize,
     evaluate_llm,
     load_trainable_state,
@@ -59,7 +59,8 @@ def test_run_directory_results_and_evaluate_llm(runs, tmp_path):
     assert [x["step"] for x in lines if "loss" in x] == [6]
     assert [x["step"] for x in lines if "val_recall@10" in x] == [3]
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
-    assert (run / "model" / "userllm_config.json").is_file() and (run / "model" / "encoder").is_dir()
+    assert (run / "userllm" / "userllm_config.json").is_file() and (run / "userllm" / "encoder").is_dir()
+    assert (tmp_path / "latest").resolve() == run.resolve()
     assert results["val"]["n"] == results["test"]["n"] == 6
     test = results["test"]
     assert 0 <= test["recall@1"] <= test["recall@5"] <= test["recall@10"] <= 1
@@ -206,7 +207,7 @@ def test_bad_settings_are_named(runs):
         ContextualizeConfig(encoder="x", max_grad_norm=-1)
     with pytest.raises(ValueError, match="set perceiver=False"):  # the UserLLM settings are checked up front
         ContextualizeConfig(encoder="x", user_tokens="next_item")
-    with pytest.raises(FileNotFoundError, match="pretraining run directory"):
+    with pytest.raises(FileNotFoundError, match="/nonexistent: no trained model; expected a run directory"):
         prepare(ContextualizeConfig(encoder="/nonexistent", llm=runs["llm"], device="cpu"))
     with pytest.raises(ValueError, match="exceeds the encoder's max_len=11"):
         prepare(config(runs, history_len=20))
@@ -216,9 +217,10 @@ def test_resume_accepts_runs_written_before_a_setting_existed(tmp_path):
     config = ContextualizeConfig(encoder="x")
     saved = {k: v for k, v in asdict(config).items() if k != "user_tokens"}  # an older run's config.json
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    _check_run_dir(tmp_path, config, resume=True)  # the missing setting takes its default
+    assert RunDir(tmp_path).check_resume(config, resume=True)  # the missing setting takes its default
     with pytest.raises(ValueError, match="'user_tokens': \\('events', 'next_item'\\)"):
-        _check_run_dir(tmp_path, ContextualizeConfig(encoder="x", user_tokens="next_item", perceiver=False), True)
+        RunDir(tmp_path).check_resume(ContextualizeConfig(encoder="x", user_tokens="next_item", perceiver=False),
+                                      resume=True)
 
 
 @pytest.mark.parametrize("user_tokens", ["events", "next_item"])

@@ -260,11 +260,14 @@ def test_run_folders_and_refusals(run, tmp_path):
     assert resolve_run(run) == (run / "best", DATA, MAX_LEN)
     federated = tmp_path / "federated"
     shutil.copytree(run / "best", federated / "final")
-    (federated / "config.json").write_text(json.dumps({"dataset": DATA}))
-    assert resolve_run(federated) == (federated / "final", DATA, None)
-    assert resolve_run(run / "best", dataset=DATA) == (run / "best", DATA, None)
+    (federated / "config.json").write_text(json.dumps({"settings": {"dataset": DATA, "max_len": MAX_LEN}}))
+    assert resolve_run(federated) == (federated / "final", DATA, MAX_LEN)
+    assert resolve_run(federated / "final") == (federated / "final", DATA, MAX_LEN)  # the run's config is read
+    bare = tmp_path / "bare"  # a model folder outside any run
+    shutil.copytree(run / "best", bare)
+    assert resolve_run(bare, dataset=DATA) == (bare, DATA, None)
     with pytest.raises(ValueError, match="pass dataset="):
-        resolve_run(run / "best")
+        resolve_run(bare)
     with pytest.raises(FileNotFoundError, match="no trained model"):
         resolve_run(tmp_path)
     bert = tmp_path / "bert"

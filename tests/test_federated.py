@@ -30,6 +30,7 @@ from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS
 from fed_userllm.privacy import LedgerError, PrivacyBudgetExceeded, audit, default_delta, epsilon_from_history
+from fed_userllm.rundir import RunDir
 from fed_userllm.server import runner
 from fed_userllm.server import strategy as strategy_module
 from fed_userllm.server.local_grid import FIRST_NODE, LocalGrid, app_defaults
@@ -327,17 +328,17 @@ def test_a_round_charged_but_not_checkpointed_is_not_charged_again_on_resume(tmp
     run(InProcessGrid(whole), FederatedConfig.from_run_config(whole))
 
     broken = run_config(tmp_path / "broken", **common)
-    real_append = runner.append_jsonl
+    real_append = RunDir.append_metrics
 
-    def crash_at_round_2(path, record):  # metrics are written after the ledger line, before the checkpoint
+    def crash_at_round_2(run, record):  # metrics are written after the ledger line, before the checkpoint
         if record.get("round") == 2:
             raise KeyboardInterrupt("server killed between the ledger line and the checkpoint")
-        real_append(path, record)
+        real_append(run, record)
 
-    monkeypatch.setattr(runner, "append_jsonl", crash_at_round_2)
+    monkeypatch.setattr(RunDir, "append_metrics", crash_at_round_2)
     with pytest.raises(KeyboardInterrupt):
         run(InProcessGrid(broken), FederatedConfig.from_run_config(broken))
-    monkeypatch.setattr(runner, "append_jsonl", real_append)
+    monkeypatch.setattr(RunDir, "append_metrics", real_append)
     run_dir = Path(broken["run-dir"])
     assert len(ledger_rounds(run_dir)) == 2  # round 2 charged, its checkpoint never written
     resumed = {**broken, "resume": True}
@@ -359,17 +360,17 @@ def test_a_redone_round_that_releases_something_else_is_charged_again(tmp_path, 
             return reply
         return alter
 
-    real_append = runner.append_jsonl
+    real_append = RunDir.append_metrics
 
-    def crash_at_round_2(path, record):  # metrics are written after the ledger line, before the checkpoint
+    def crash_at_round_2(run, record):  # metrics are written after the ledger line, before the checkpoint
         if record.get("round") == 2:
             raise KeyboardInterrupt("server killed between the ledger line and the checkpoint")
-        real_append(path, record)
+        real_append(run, record)
 
-    monkeypatch.setattr(runner, "append_jsonl", crash_at_round_2)
+    monkeypatch.setattr(RunDir, "append_metrics", crash_at_round_2)
     with pytest.raises(KeyboardInterrupt):
         run(InProcessGrid(config, alter=fails_in_round_2(FIRST_NODE)), FederatedConfig.from_run_config(config))
-    monkeypatch.setattr(runner, "append_jsonl", real_append)
+    monkeypatch.setattr(RunDir, "append_metrics", real_append)
     run_dir = Path(config["run-dir"])
     charged = ledger_rounds(run_dir)
     assert len(charged) == 2
@@ -698,3 +699,4 @@ def test_every_encoder_builds_with_the_configured_item_width(tmp_path, model):
     encoder = global_model(run_config(tmp_path, model=model, item_dim=8))
     assert encoder.config.feature_dims["item"] == 8
     assert all(dim == DEFAULT_FEATURE_DIMS[f] for f, dim in encoder.config.feature_dims.items() if f != "item")
+

@@ -28,7 +28,7 @@ from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import WEIGHTS_NAME, UserLLM
 from fed_userllm.privacy import audit, empirical_audit, epsilon_from_history
-from fed_userllm.server import runner
+from fed_userllm.rundir import RunDir
 from fed_userllm.server.local_grid import FIRST_NODE, LocalGrid, app_defaults, run_local
 from fed_userllm.server.runner import run
 from fed_userllm.train.contextualize import Examples, evaluate_llm, load_model, task_loss
@@ -259,17 +259,17 @@ def test_a_run_killed_inside_the_contextualize_phase_resumes_to_the_uninterrupte
     common = {"dp": "user", "fraction_train": 0.5, "eval_every": 0}
     whole = run_local(run_config(tmp_path / "whole", llm, **common))
     broken = run_config(tmp_path / "broken", llm, **common)
-    real_append = runner.append_jsonl
+    real_append = RunDir.append_metrics
 
-    def crash(path, record):  # after the ledger charged contextualize round 2, before its checkpoint
+    def crash(run, record):  # after the ledger charged contextualize round 2, before its checkpoint
         if record.get("phase") == "contextualize" and record.get("round") == 2:
             raise KeyboardInterrupt("server killed in the LLM phase")
-        real_append(path, record)
+        real_append(run, record)
 
-    monkeypatch.setattr(runner, "append_jsonl", crash)
+    monkeypatch.setattr(RunDir, "append_metrics", crash)
     with pytest.raises(KeyboardInterrupt):
         run_local(broken)
-    monkeypatch.setattr(runner, "append_jsonl", real_append)
+    monkeypatch.setattr(RunDir, "append_metrics", real_append)
     run_dir = Path(broken["run-dir"])
     assert not (run_dir / "userllm").exists()
     run_local({**broken, "resume": True})

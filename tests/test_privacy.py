@@ -35,7 +35,8 @@ from fed_userllm.privacy import (
     weighted_fedavg,
 )
 from fed_userllm.privacy.accounting import PRV_EPS_ERROR
-from fed_userllm.privacy.ledger import GENESIS_HASH, LEDGER_FILENAME, canonical_json, chain_hash
+from fed_userllm.privacy.ledger import GENESIS_HASH, canonical_json, chain_hash
+from fed_userllm.rundir import LEDGER
 
 # ---------------------------------------------------------------- sampling
 
@@ -338,7 +339,7 @@ def _ledger_with_rounds(tmp_path, rounds: int, config: LedgerConfig | None = Non
 
 
 def _lines(tmp_path) -> list[str]:
-    return (tmp_path / LEDGER_FILENAME).read_text().splitlines()
+    return (tmp_path / LEDGER).read_text().splitlines()
 
 
 def _write(tmp_path, entries: list[dict], rehash: bool) -> None:
@@ -347,7 +348,7 @@ def _write(tmp_path, entries: list[dict], rehash: bool) -> None:
         if rehash:
             entry["hash"] = chain_hash(previous, entry)
         previous = entry["hash"]
-    (tmp_path / LEDGER_FILENAME).write_text("".join(canonical_json(e) + "\n" for e in entries))
+    (tmp_path / LEDGER).write_text("".join(canonical_json(e) + "\n" for e in entries))
 
 
 def test_ledger_records_resumes_and_audits(tmp_path):
@@ -414,10 +415,10 @@ def test_ledger_stops_at_target_epsilon(tmp_path):
     for _ in range(allowed):
         ledger.record_round()
     assert ledger.rounds_remaining() == 0
-    before = (tmp_path / LEDGER_FILENAME).read_bytes()
+    before = (tmp_path / LEDGER).read_bytes()
     with pytest.raises(PrivacyBudgetExceeded, match="target 0.8"):
         ledger.record_round()
-    assert (tmp_path / LEDGER_FILENAME).read_bytes() == before
+    assert (tmp_path / LEDGER).read_bytes() == before
     assert PrivacyLedger(tmp_path, config).next_round == allowed + 1
 
 
@@ -491,7 +492,7 @@ def test_audit_catches_deleted_or_reordered_rounds(tmp_path, change):
         del lines[2]
     else:
         lines[2], lines[3] = lines[3], lines[2]
-    (tmp_path / LEDGER_FILENAME).write_text("\n".join(lines) + "\n")
+    (tmp_path / LEDGER).write_text("\n".join(lines) + "\n")
     report = audit(tmp_path)
     assert any("hash chain broken" in p for p in report.problems)
     assert any("was expected" in p for p in report.problems)
@@ -502,7 +503,7 @@ def test_audit_catches_deleted_or_reordered_rounds(tmp_path, change):
 def test_audit_catches_truncated_tail_with_head_hash(tmp_path):
     ledger = _ledger_with_rounds(tmp_path, 3)
     head = ledger.head_hash
-    (tmp_path / LEDGER_FILENAME).write_text("\n".join(_lines(tmp_path)[:-1]) + "\n")
+    (tmp_path / LEDGER).write_text("\n".join(_lines(tmp_path)[:-1]) + "\n")
     assert audit(tmp_path).ok  # a chain alone cannot see a missing tail ...
     report = audit(tmp_path, expected_head_hash=head)  # ... a head hash kept elsewhere can
     assert not report.ok and "head hash" in report.problems[0]
@@ -510,7 +511,7 @@ def test_audit_catches_truncated_tail_with_head_hash(tmp_path):
 
 def test_torn_last_line_is_refused_then_repaired(tmp_path):
     _ledger_with_rounds(tmp_path, 2)
-    path = tmp_path / LEDGER_FILENAME
+    path = tmp_path / LEDGER
     torn = b'{"epsilon":0.5,"phase":"pret'
     with open(path, "ab") as f:
         f.write(torn)

@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from fed_userllm.cli import main
 from fed_userllm.clients.config import FederatedConfig
-from fed_userllm.privacy.ledger import LEDGER_FILENAME
+from fed_userllm.rundir import LEDGER, OPERATOR_PRIVATE, RunDir
 from fed_userllm.server import release as release_module
 from fed_userllm.server import runner
 from fed_userllm.server.local_grid import LocalGrid, app_defaults
-from fed_userllm.server.runner import OPERATOR_PRIVATE, run
+from fed_userllm.server.runner import run
 
 USERS = 12
 SEED = 7_123_456_789_012_345_678  # the "secret" DP seed the OS would have drawn
@@ -45,11 +45,11 @@ def test_release_holds_exactly_the_models_public_config_ledger_and_audit(tmp_pat
     code, printed = release_cli(run_dir, out, capsys)
     assert code == 0, printed
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["final", "config.json", LEDGER_FILENAME, "privacy_audit.json", "privacy_audit.txt", "RELEASE.md"])
+        ["final", "config.json", LEDGER, "privacy_audit.json", "privacy_audit.txt", "RELEASE.md"])
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".public")] == []  # no staging folder left
     released, trained = (load_file(d / "final" / "model.safetensors") for d in (out, run_dir))
     assert released.keys() == trained.keys() and all(torch.equal(released[k], trained[k]) for k in released)
-    assert (out / LEDGER_FILENAME).read_bytes() == (run_dir / LEDGER_FILENAME).read_bytes()
+    assert (out / LEDGER).read_bytes() == (run_dir / LEDGER).read_bytes()
     public, private = json.loads((out / "config.json").read_text()), json.loads((run_dir / "config.json").read_text())
     assert "dp_seed" not in public["settings"] and "dp_seed" in private["settings"]
     assert public == {**private, "settings": {k: v for k, v in private["settings"].items() if k != "dp_seed"}}
@@ -65,7 +65,7 @@ def test_release_holds_exactly_the_models_public_config_ledger_and_audit(tmp_pat
 
     # everything the release leaves behind is listed as operator-private in the run directory
     listed = (run_dir / OPERATOR_PRIVATE).read_text()
-    left = {p.name for p in run_dir.iterdir()} - {"final", LEDGER_FILENAME, "privacy_report.txt", OPERATOR_PRIVATE}
+    left = {p.name for p in run_dir.iterdir()} - {"final", LEDGER, "privacy_report.txt", OPERATOR_PRIVATE}
     assert left == {"config.json", "metrics.jsonl", "results.json", "checkpoint.pt", "metrics.png", "epsilon.png",
                     "canaries"}
     assert all(name in listed for name in left)
@@ -76,14 +76,14 @@ def test_release_holds_exactly_the_models_public_config_ledger_and_audit(tmp_pat
 def test_release_refuses_an_unfinished_run_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner.secrets, "randbits", lambda bits: SEED)
     config = {**app_defaults(), **TINY, "run-dir": str(tmp_path / "run")}
-    real_append = runner.append_jsonl
+    real_append = RunDir.append_metrics
 
-    def crash_in_round_2(path, record):
+    def crash_in_round_2(run, record):
         if record.get("round") == 2:
             raise KeyboardInterrupt("server killed")
-        real_append(path, record)
+        real_append(run, record)
 
-    monkeypatch.setattr(runner, "append_jsonl", crash_in_round_2)
+    monkeypatch.setattr(RunDir, "append_metrics", crash_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         run(LocalGrid(config, USERS), FederatedConfig.from_run_config(config))
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["dp_seed"] == SEED  # for resume
@@ -98,10 +98,10 @@ def test_release_refuses_what_the_guarantee_does_not_cover(tmp_path, monkeypatch
     run_dir = finished_run(tmp_path, monkeypatch, **overrides)
     out = tmp_path / "public"
     if problem == "audit":  # a round's epsilon halved: the chain breaks and the recomputation disagrees
-        lines = (run_dir / LEDGER_FILENAME).read_text().splitlines()
+        lines = (run_dir / LEDGER).read_text().splitlines()
         round_1 = json.loads(lines[1])
         round_1["epsilon"] /= 2
-        (run_dir / LEDGER_FILENAME).write_text("\n".join([lines[0], json.dumps(round_1), *lines[2:]]) + "\n")
+        (run_dir / LEDGER).write_text("\n".join([lines[0], json.dumps(round_1), *lines[2:]]) + "\n")
     if problem == "non-finite":
         tensors = load_file(run_dir / "final" / "model.safetensors")
         name = next(iter(tensors))
@@ -128,6 +128,6 @@ def test_an_interrupted_release_leaves_no_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(release_module, "atomic_write_bytes", disk_full)
     with pytest.raises(OSError, match="disk full"):
         release_module.release(run_dir, tmp_path / "public")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # neither the release nor its staging folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run"]  # neither the release nor its staging
     monkeypatch.setattr(release_module, "atomic_write_bytes", real_write)
     assert (release_module.release(run_dir, tmp_path / "public") / "RELEASE.md").is_file()

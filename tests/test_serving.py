@@ -17,6 +17,7 @@ from fed_userllm.data import load_sequences
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
 from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig
+from fed_userllm.rundir import USERLLM
 from fed_userllm.serving.api import create_app
 from fed_userllm.serving.batching import DynamicBatcher, Overloaded
 from fed_userllm.serving.config import ServingConfig
@@ -35,7 +36,7 @@ PROMPTS = ["what should I watch tonight", "recommend a movie", "a film for the w
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A contextualization run laid out as `fed_userllm.train.contextualize` writes it: a pretraining run
-    (config.json + best/), a tiny random Llama with a word tokenizer, and config.json + model/ of a UserLLM
+    (config.json + best/), a tiny random Llama with a word tokenizer, and config.json + userllm/ of a UserLLM
     whose gates are open (so answers depend on the user)."""
     root = tmp_path_factory.mktemp("serving")
     seq = load_sequences(DATASET, max_len=MAX_LEN)
@@ -54,7 +55,7 @@ def run_dir(tmp_path_factory):
     userllm = UserLLMConfig(llm=config.llm, xattn_every=1, xattn_dim=16, n_xattn_heads=2, num_latents=4)
     model = UserLLM(userllm, encoder, llm)
     set_gates(model, 2.0)
-    model.save_pretrained(root / "run" / "model")
+    model.save_pretrained(root / "run" / USERLLM)
     return root / "run"
 
 
@@ -351,7 +352,7 @@ def test_ranked_chat_takes_no_messages(client, chat_body):
 
 
 def test_load_and_config_errors_say_what_is_wrong(tmp_path):
-    with pytest.raises(FileNotFoundError, match="expected a finished contextualization run"):
+    with pytest.raises(FileNotFoundError, match="expected a contextualize or Flower run directory"):
         ServedModel.load(tmp_path)
     with pytest.raises(ValueError, match="max_batch_size=0: expected a positive integer"):
         ServingConfig(max_batch_size=0)
@@ -539,7 +540,7 @@ def test_history_csv_to_pte_embedding_to_http_answer(tmp_path, client, trained, 
     from fed_userllm.export.build import export_encoder  # executorch is heavy: imported by this test only
     from fed_userllm.export.device import embed
 
-    manifest = export_encoder(run_dir / "model" / "encoder", tmp_path / "artifact", dataset=DATASET,
+    manifest = export_encoder(run_dir / USERLLM / "encoder", tmp_path / "artifact",
                               max_len=MAX_LEN, parity_users=4, dynamic=False)  # static shapes lower 3x faster
     assert manifest["source"]["model_sha256"] == served.encoder_hash  # what the phone sends as encoder_hash
     model, task = trained

@@ -328,13 +328,9 @@ def test_save_load_round_trip(tmp_path, integration, strategy, user_tokens):
     model.save_pretrained(tmp_path / "run")
     users, (ids, mask) = user_batch([6, 3]), text()
     ref = model(users, ids, mask).logits
-    if strategy == "proj":  # the frozen encoder is not saved: the caller supplies it
-        with pytest.raises(ValueError, match="pass encoder="):
-            UserLLM.from_pretrained(tmp_path / "run")
-        loaded = UserLLM.from_pretrained(tmp_path / "run", encoder=model.encoder)
-    else:
-        assert (tmp_path / "run" / "encoder").is_dir()
-        loaded = UserLLM.from_pretrained(tmp_path / "run")
+    assert (tmp_path / "run" / "encoder").is_dir()  # frozen (proj) or trained: the folder is self-contained
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file() == (strategy == "lora")  # PEFT's
+    loaded = UserLLM.from_pretrained(tmp_path / "run")
     assert torch.equal(loaded(users, ids, mask).logits, ref)
     with pytest.raises(ValueError, match="does not match the saved"):
         UserLLM.from_pretrained(tmp_path / "run", llm=tiny_llm("gpt2"), encoder=model.encoder)

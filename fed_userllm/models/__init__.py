@@ -11,7 +11,7 @@ import torch
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
 from fed_userllm.models.bert4rec import BERT4Rec, BERT4RecConfig
 from fed_userllm.models.dual_encoder import DualEncoder, DualEncoderConfig
-from fed_userllm.models.layers import with_item_dim
+from fed_userllm.models.layers import CONFIG_FILE, with_item_dim
 from fed_userllm.models.popularity import Popularity, PopularityConfig
 
 MODELS = {cls.model_type: cls for cls in (ARUserEncoder, DualEncoder, BERT4Rec, Popularity)}
@@ -43,9 +43,9 @@ def build_encoder(name: str, vocab_sizes: dict[str, int], max_len: int, d_model:
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load any saved model of this package, dispatching on ``model_type`` in its config.json."""
-    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    model_type = json.loads((Path(path) / CONFIG_FILE).read_text()).get("model_type")
     if model_type not in MODELS:
-        raise ValueError(f"{path}/config.json has model_type={model_type!r}: "
+        raise ValueError(f"{path}/{CONFIG_FILE} has model_type={model_type!r}: "
                          f"expected one of {sorted(MODELS)}")
     return MODELS[model_type].from_pretrained(path, device)
 

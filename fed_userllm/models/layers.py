@@ -19,6 +19,8 @@ from torch import nn
 
 from fed_userllm.data.vocab import NUM_RESERVED
 
+CONFIG_FILE = "config.json"  # a saved model: its config with model_type (save_pretrained / from_pretrained)
+WEIGHTS_FILE = "model.safetensors"  # ... and its weights
 DEFAULT_FEATURE_DIMS = {"item": 64, "genre": 16, "rating": 8}
 ITEM_FEATURES = ("learned", "public")
 
@@ -240,18 +242,18 @@ class Pretrained:
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps({"model_type": self.model_type, **asdict(self.config)},
-                                                     indent=2) + "\n")
-        save_model(self, str(path / "model.safetensors"))
+        (path / CONFIG_FILE).write_text(json.dumps({"model_type": self.model_type, **asdict(self.config)},
+                                                   indent=2) + "\n")
+        save_model(self, str(path / WEIGHTS_FILE))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Self:
         """Rebuild the model from ``path`` in eval mode on ``device``."""
-        config = json.loads((Path(path) / "config.json").read_text())
+        config = json.loads((Path(path) / CONFIG_FILE).read_text())
         model_type = config.pop("model_type", None)
         if model_type != cls.model_type:
             raise ValueError(f"{path} holds model_type={model_type!r}: expected {cls.model_type!r}")
         model = cls(cls.config_class(**config))
-        load_model(model, str(Path(path) / "model.safetensors"))
+        load_model(model, str(Path(path) / WEIGHTS_FILE))
         return model.to(device).eval()
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -44,6 +44,7 @@ STRATEGIES = ("full", "lora", "enc", "proj")
 CONFIG_NAME = "userllm_config.json"
 WEIGHTS_NAME = "userllm_trained.safetensors"
 ENCODER_DIR = "encoder"
+ADAPTER_DIR = "adapter"  # strategy lora: the PEFT adapter (adapter_config.json + adapter_model.safetensors)
 
 
 @dataclass
@@ -316,24 +317,30 @@ class UserLLM(nn.Module):
             inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), **generate_kwargs
         )
 
+    @property
+    def _saved_apart(self) -> tuple[str, ...]:
+        """Trained parameters saved in their own folder: the encoder, and the LoRA adapter."""
+        return ("encoder.", "llm.") if self.config.strategy == "lora" else ("encoder.",)
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Save only the trained parameters, the config, the base-LLM reference and the encoder if trained."""
+        """The model folder: the config, the base-LLM reference, the trained tensors of the new layers, the
+        encoder (trained or not: the folder is self-contained) and, with LoRA, the PEFT adapter."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         trained = {
             n: p.detach().cpu().contiguous()
             for n, p in self.named_parameters()
-            if p.requires_grad and not n.startswith("encoder.")
+            if p.requires_grad and not n.startswith(self._saved_apart)
         }
         save_file(trained, str(directory / WEIGHTS_NAME))
-        encoder_trained = any(p.requires_grad for p in self.encoder.parameters())
-        if encoder_trained:
-            self.encoder.save_pretrained(directory / ENCODER_DIR)
+        self.encoder.save_pretrained(directory / ENCODER_DIR)
+        if self.config.strategy == "lora":
+            self.llm.save_pretrained(directory / ADAPTER_DIR)  # a PeftModel saves only its adapter
         meta = {
             "config": asdict(self.config),
             "llm_signature": _llm_signature(self.llm),
             "encoder_class": f"{type(self.encoder).__module__}:{type(self.encoder).__qualname__}",
-            "encoder_saved": encoder_trained,
+            "encoder_saved": True,
         }
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
@@ -347,7 +354,8 @@ class UserLLM(nn.Module):
     ) -> UserLLM:
         """Rebuild from ``save_pretrained``; the base LLM is loaded from ``config.llm`` unless ``llm`` is given.
 
-        ``encoder`` is required only when it was frozen (strategy ``proj``) and therefore not saved.
+        ``encoder`` replaces the saved one (serving passes the states a phone computed); folders written before
+        every encoder was saved need it when theirs was frozen (strategy ``proj``).
         """
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_NAME).read_text())
@@ -362,7 +370,11 @@ class UserLLM(nn.Module):
             raise ValueError(f"base LLM {_llm_signature(llm)} does not match the saved {meta['llm_signature']}")
         model = cls(config, encoder, llm)
         state = load_file(str(directory / WEIGHTS_NAME))
-        expected = {n for n in model.trainable_parameter_names() if not n.startswith("encoder.")}
+        adapter = directory / ADAPTER_DIR
+        if adapter.is_dir():
+            set_peft_model_state_dict(model.llm, load_peft_weights(str(adapter)))
+        saved_apart = ("encoder.", "llm.") if adapter.is_dir() else ("encoder.",)
+        expected = {n for n in model.trainable_parameter_names() if not n.startswith(saved_apart)}
         if set(state) != expected:
             raise ValueError(
                 f"{directory / WEIGHTS_NAME}: saved parameters differ from the trainable ones; "

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from fed_userllm.privacy.accounting import PRV_EPS_ERROR
 from fed_userllm.privacy.ledger import (
-    LEDGER_FILENAME,
     SAMPLE_LEVEL,
     EpsilonTracker,
     LedgerConfig,
@@ -18,6 +17,7 @@ from fed_userllm.privacy.ledger import (
     library_versions,
     read_ledger,
 )
+from fed_userllm.rundir import LEDGER
 
 NOTES = (
     "Both figures are (epsilon, delta)-DP guarantees for Poisson-subsampled Gaussian composition with "
@@ -103,7 +103,7 @@ def audit(path: str | Path, expected_head_hash: str | None = None, rel_tol: floa
     are both reported. Every integrity problem becomes one readable line in `problems`.
     """
     path = Path(path)
-    path = path / LEDGER_FILENAME if path.is_dir() else path
+    path = path / LEDGER if path.is_dir() else path
     contents = read_ledger(path)
     problems = list(contents.problems)
     if contents.torn_tail:

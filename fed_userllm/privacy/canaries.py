@@ -29,11 +29,11 @@ from safetensors.numpy import load_file, save
 
 from fed_userllm.privacy.accounting import epsilon_from_history, extend_history
 from fed_userllm.privacy.empirical import EmpiricalEstimate, estimate_epsilon
-from fed_userllm.privacy.ledger import LEDGER_FILENAME, USER_LEVEL, LedgerConfig, read_ledger
+from fed_userllm.privacy.ledger import USER_LEVEL, LedgerConfig, read_ledger
 from fed_userllm.privacy.sampling import poisson_sample
+from fed_userllm.rundir import CANARIES, LEDGER
 from fed_userllm.runtime import atomic_write_bytes, atomic_write_json
 
-CANARY_DIR = "canaries"
 _DIRECTIONS, _PARTICIPATION = 0, 1  # SeedSequence keys of the two streams
 
 
@@ -107,7 +107,7 @@ class Canaries:
     def save(self, run_dir: Path, phase: str, initial: Mapping[str, np.ndarray],
              final: Mapping[str, np.ndarray]) -> None:
         """Write the phase's canary files (operator-private) into ``run_dir/canaries``."""
-        folder = Path(run_dir) / CANARY_DIR
+        folder = Path(run_dir) / CANARIES
         atomic_write_json(folder / f"{phase}.json", {"phase": phase, **asdict(self)})
         tensors = {f"initial/{k}": np.ascontiguousarray(v) for k, v in initial.items()}
         tensors |= {f"final/{k}": np.ascontiguousarray(v) for k, v in final.items()}
@@ -160,11 +160,11 @@ def empirical_audit(run_dir: str | Path, bootstrap: int = 1000) -> list[PhaseAud
     header and lines): the estimate is about that phase's final model, whatever ran before it.
     """
     run_dir = Path(run_dir)
-    specs = sorted((run_dir / CANARY_DIR).glob("*.json"))
+    specs = sorted((run_dir / CANARIES).glob("*.json"))
     if not specs:
-        raise FileNotFoundError(f"{run_dir} has no {CANARY_DIR}/*.json: the run inserted no canaries (they "
+        raise FileNotFoundError(f"{run_dir} has no {CANARIES}/*.json: the run inserted no canaries (they "
                                 "need dp='user' and canaries > 0, and are deleted after an audit if you chose so)")
-    entries = read_ledger(run_dir / LEDGER_FILENAME).entries
+    entries = read_ledger(run_dir / LEDGER).entries
     config = LedgerConfig.from_header(entries[0])
     if config.mechanism != USER_LEVEL:
         raise ValueError(f"canaries audit user-level DP-FedAvg; this ledger is {config.mechanism}")

@@ -42,8 +42,8 @@ from fed_userllm.privacy.accounting import (
     extend_history,
     max_rounds_within_budget,
 )
+from fed_userllm.rundir import LEDGER
 
-LEDGER_FILENAME = "privacy_ledger.jsonl"
 FORMAT_VERSION = 3  # 3: no cohort sizes or times, a release digest (2: own sampling rates; 1: the header's q)
 GENESIS_HASH = "0" * 64
 USER_LEVEL = "dp-fedavg-user"
@@ -320,7 +320,7 @@ class PrivacyLedger:
     """
 
     def __init__(self, run_dir: str | Path, config: LedgerConfig) -> None:
-        self.path = Path(run_dir) / LEDGER_FILENAME
+        self.path = Path(run_dir) / LEDGER
         self.config = config
         self._tracker = EpsilonTracker(config, config.accountant)
         if self.path.exists():
@@ -399,7 +399,7 @@ class PrivacyLedger:
         Safe under the write-ahead rule: the torn line's round was never released, so it is re-run.
         """
         path = Path(path)
-        path = path / LEDGER_FILENAME if path.is_dir() else path
+        path = path / LEDGER if path.is_dir() else path
         data = path.read_bytes()
         cut = data.rfind(b"\n") + 1
         if cut == 0:

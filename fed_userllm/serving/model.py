@@ -8,7 +8,6 @@ trained projection and cross-attention / soft prompt of a UserLLM run to those s
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +23,10 @@ from fed_userllm.data.sequences import UserSequences
 from fed_userllm.data.vocab import NUM_RESERVED
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.constrained import TitleTrie, rank_titles
+from fed_userllm.models.layers import WEIGHTS_FILE
 from fed_userllm.models.llm import load_llm
-from fed_userllm.models.userllm import CONFIG_NAME, ENCODER_DIR, UserLLM
+from fed_userllm.models.userllm import ENCODER_DIR, UserLLM
+from fed_userllm.rundir import find_encoder, find_userllm
 from fed_userllm.runtime import resolve_device
 from fed_userllm.serving.schema import EMBEDDING_DTYPE, TASKS
 from fed_userllm.tasks.prompts import INSTRUCTIONS, QUESTIONS, format_prompt
@@ -148,26 +149,22 @@ class ServedModel:
         }
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto") -> ServedModel:
-        """Load a contextualization run (`fed_userllm.train.contextualize`): its UserLLM from ``model/``, the
-        task's data for the catalogs, and the hash of the encoder whose outputs the model was trained on."""
-        run_dir = Path(run_dir)
-        model_dir = run_dir / "model"
-        if not (run_dir / "config.json").is_file() or not (model_dir / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{run_dir}: expected a finished contextualization run "
-                                    f"(config.json and model/{CONFIG_NAME})")
-        config = ContextualizeConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    def load(cls, path: str | Path, device: str = "auto") -> ServedModel:
+        """Load the User-LLM of a contextualize or Flower run (or of its userllm/ folder), the task's data for
+        the catalogs, and the hash of the encoder whose outputs the model was trained on."""
+        source = find_userllm(path)
+        config = ContextualizeConfig.from_dict(source.config)
         if config.integration == "text":
-            raise ValueError(f"{run_dir}: a TextPrompt baseline (integration='text') takes no embeddings")
-        saved = model_dir / ENCODER_DIR  # trained encoder; a frozen one (strategy 'proj') stays in its run
-        encoder_dir = saved if saved.is_dir() else Path(config.encoder) / "best"
-        encoder = json.loads((encoder_dir / "config.json").read_text())
+            raise ValueError(f"{path}: a TextPrompt baseline (integration='text') takes no embeddings")
+        saved = source.folder / ENCODER_DIR  # folders written before every encoder was saved: the encoder run's
+        encoder_dir = saved if saved.is_dir() else find_encoder(config.encoder).folder
+        encoder = load_pretrained(encoder_dir, "cpu")
         llm, tokenizer = load_llm(config.llm, device=resolve_device(device))
-        states = PrecomputedStates(encoder["d_model"], load_pretrained(encoder_dir, "cpu"))
-        model = UserLLM.from_pretrained(model_dir, llm=llm, encoder=states)
+        states = PrecomputedStates(encoder.config.d_model, encoder)
+        model = UserLLM.from_pretrained(source.folder, llm=llm, encoder=states)
         task = load_task(config, tokenizer)
-        return cls(model, tokenizer, encoder_weights_hash(encoder_dir), encoder["max_len"],
-                   catalogs(task.seq), task.noun, config.task, str(run_dir))
+        return cls(model, tokenizer, encoder_weights_hash(encoder_dir), encoder.config.max_len,
+                   catalogs(task.seq), task.noun, config.task, str(source.run.path))
 
     def prompt(self, task: str, text: str | None) -> str:
         """The prompt text: NextItem / FavGenre ask exactly what `fed_userllm.tasks` trained on (no text
@@ -253,7 +250,7 @@ class ServedModel:
 
 def encoder_weights_hash(encoder_dir: str | Path) -> str:
     """sha256 of the encoder's safetensors file: names the exact encoder whose outputs the server accepts."""
-    return hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).hexdigest()
+    return hashlib.sha256((Path(encoder_dir) / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
 def catalogs(seq: UserSequences) -> dict[str, dict[int, str]]:

@@ -1,18 +1,17 @@
 """The centralized (non-federated) reference trainer for the user encoders.
 
 AdamW with a linear warm-up and cosine decay (the paper's schedule), early stopping on validation NDCG@10,
-a resumable checkpoint after every epoch, and a run directory:
+a resumable checkpoint after every epoch, and a run directory (`fed_userllm.rundir`):
 
-    run_dir/config.json        the PretrainConfig
-    run_dir/metrics.jsonl      one line per epoch: train loss, validation metrics, seconds
-    run_dir/checkpoint.pt      model + optimiser + scheduler + RNG state (written atomically)
-    run_dir/best/              the best model by validation NDCG@10 (save_pretrained)
-    run_dir/results.json       validation and test metrics of the best model
+    config.json        the PretrainConfig
+    metrics.jsonl      one line per epoch: train loss, validation metrics, seconds
+    checkpoint.pt      model + optimiser + scheduler + RNG state
+    best/              the best model by validation NDCG@10 (save_pretrained)
+    results.json       validation and test metrics of the best model
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict
@@ -27,7 +26,8 @@ from fed_userllm.data.item_features import ItemFeatureSpec, public_item_features
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import Popularity, PopularityConfig, build_encoder, load_pretrained
-from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device, seed_everything
+from fed_userllm.rundir import BEST, RunDir, find_encoder
+from fed_userllm.runtime import resolve_device, seed_everything
 from fed_userllm.train.pretrain_config import PretrainConfig
 
 
@@ -59,19 +59,10 @@ def warmup_cosine(total_steps: int, warmup_frac: float):
 def pretrain(config: PretrainConfig, run_dir: str | Path, resume: bool = False,
              progress: bool = True) -> dict[str, dict[str, float]]:
     """Train ``config.model`` centrally; returns {"val": ..., "test": ...} metrics of the best model."""
-    run_dir = Path(run_dir)
-    checkpoint_path = run_dir / "checkpoint.pt"
-    if (run_dir / "config.json").exists():
-        saved = json.loads((run_dir / "config.json").read_text())
-        if not resume:
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
-                                  "--out")
-        if saved != asdict(config):
-            changed = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
-            raise ValueError(f"{run_dir}/config.json differs from this run's settings {changed}: a resumed run "
-                             "must use the same settings")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", asdict(config))
+    run = RunDir(run_dir)
+    if not run.check_resume(config, resume):
+        run.write_config(asdict(config))
+        run.mark_latest()
     seed_everything(config.seed)
     device = resolve_device(config.device)
     seq = load_sequences(config.dataset, max_len=config.max_len)
@@ -81,8 +72,8 @@ def pretrain(config: PretrainConfig, run_dir: str | Path, resume: bool = False,
         starts, ends = seq.train_ranges()
         train_events = np.concatenate([seq.features["item"][s:e] for s, e in zip(starts, ends, strict=True)])
         model.fit(torch.from_numpy(train_events))
-        model.save_pretrained(run_dir / "best")
-        return _finish(model, seq, run_dir, device)
+        model.save_pretrained(run / BEST)
+        return _finish(model, seq, run, device)
 
     windows = seq.windows(stride=config.window_stride or None)
     steps_per_epoch = math.ceil(len(windows) / config.batch_size)
@@ -90,8 +81,7 @@ def pretrain(config: PretrainConfig, run_dir: str | Path, resume: bool = False,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * config.epochs, config.warmup_frac))
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
-    if resume and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    if resume and (ckpt := run.load_checkpoint(map_location=device)):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -123,33 +113,32 @@ def pretrain(config: PretrainConfig, run_dir: str | Path, resume: bool = False,
         state = {"epoch": epoch + 1, "best_ndcg": max(val["ndcg@10"], state["best_ndcg"]),
                  "stale": 0 if improved else state["stale"] + 1}
         if improved:
-            model.save_pretrained(run_dir / "best")
+            model.save_pretrained(run / BEST)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
                   "seconds": time.time() - start, **{f"val_{k}": v for k, v in val.items()}}
-        append_jsonl(run_dir / "metrics.jsonl", record)
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "state": state,
-                           "torch_rng": torch.get_rng_state()}, checkpoint_path)
+        run.append_metrics(record)
+        run.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "state": state, "torch_rng": torch.get_rng_state()})
         if progress:
             print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  val recall@10 {val['recall@10']:.4f}  "
                   f"ndcg@10 {val['ndcg@10']:.4f}  ({record['seconds']:.1f}s)" + ("  *best" if improved else ""))
-    return _finish(load_pretrained(run_dir / "best", device), seq, run_dir, device)
+    return _finish(load_pretrained(run / BEST, device), seq, run, device)
 
 
-def _finish(model, seq: UserSequences, run_dir: Path, device) -> dict[str, dict[str, float]]:
+def _finish(model, seq: UserSequences, run: RunDir, device) -> dict[str, dict[str, float]]:
     results = {split: finalize(evaluation_sums(model, seq, split, device=device)) for split in ("val", "test")}
-    atomic_write_json(run_dir / "results.json", results)
+    run.write_results(results)
     return results
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", mask_seen: bool = False,
+def evaluate_run(path: str | Path, split: str = "test", mask_seen: bool = False,
                  device: str = "auto") -> dict[str, float]:
-    """Metrics of a finished run's best model on its own dataset and split."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "best" / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: no trained model (expected {run_dir / 'best' / 'config.json'})")
-    config = PretrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    """Metrics of the encoder of a run of any kind (or of a model folder in one) on its own dataset and split."""
+    source = find_encoder(path)
+    if source.dataset is None:
+        raise ValueError(f"{path}: a model folder outside a run directory; evaluate the run directory (its "
+                         "config.json names the dataset)")
     dev = resolve_device(device)
-    seq = load_sequences(config.dataset, max_len=config.max_len)
-    model = load_pretrained(run_dir / "best", dev)
+    model = load_pretrained(source.folder, dev)
+    seq = load_sequences(source.dataset, max_len=source.max_len or model.config.max_len - 1)
     return finalize(evaluation_sums(model, seq, split, mask_seen=mask_seen, device=dev))

@@ -10,11 +10,13 @@ the last decoder layer (``xattn_layers=[-1]``) ``objective="catalog"``: -log P(t
 constrained ranking scores, computed from cached text states (`fed_userllm.tasks.catalog`) fast enough to
 train on every example on a CPU. A run directory holds:
 
-    run_dir/config.json      the ContextualizeConfig
-    run_dir/metrics.jsonl    training loss every 10 steps; validation metrics every ``eval_every`` steps
-    run_dir/checkpoint.pt    trainable parameters + optimiser + scheduler + step (written atomically)
-    run_dir/model/           the trained model (UserLLM.save_pretrained, or the LLM / LoRA adapter for TP)
-    run_dir/results.json     validation and test metrics on a fixed random subset of users
+    config.json      the ContextualizeConfig
+    metrics.jsonl    training loss every 10 steps; validation metrics every ``eval_every`` steps
+    checkpoint.pt    trainable parameters + optimiser + scheduler + step
+    userllm/         the trained model (UserLLM.save_pretrained, or the LLM / LoRA adapter for TP)
+    results.json     validation and test metrics on a fixed random subset of users
+
+(`fed_userllm.rundir` owns the names and writes them atomically.)
 
 The per-client pieces of the federated Enc phase are `Examples`, `local_train_steps`, `trainable_state` and
 `load_trainable_state`.
@@ -23,7 +25,6 @@ The per-client pieces of the federated Enc phase are `Examples`, `local_train_st
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,8 +42,9 @@ from fed_userllm.data.sequences import UserSequences
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
-from fed_userllm.models.userllm import UserLLM
-from fed_userllm.runtime import append_jsonl, atomic_torch_save, atomic_write_json, resolve_device
+from fed_userllm.models.userllm import ENCODER_DIR, UserLLM
+from fed_userllm.rundir import USERLLM, RunDir, find_encoder, find_userllm
+from fed_userllm.runtime import resolve_device
 from fed_userllm.tasks import TASKS, ReviewG, Task, evaluate, to_device
 from fed_userllm.tasks.catalog import CatalogScorer
 from fed_userllm.tasks.tasks import IGNORE
@@ -56,20 +58,13 @@ LOG_EVERY = 10
 # --------------------------------------------------------------------------------------------- data and model
 
 
-def _encoder_run(config: ContextualizeConfig) -> dict:
-    path = Path(config.encoder) / "config.json"
-    if not path.is_file() or not (Path(config.encoder) / "best" / "config.json").is_file():
-        raise FileNotFoundError(f"encoder={config.encoder!r}: expected a pretraining run directory with "
-                                "config.json and best/ (from `fed-userllm pretrain --out DIR`)")
-    return json.loads(path.read_text())
-
-
 def load_task(config: ContextualizeConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     """The task over the run's dataset (the encoder run's, unless ``config.dataset`` names one)."""
-    run = _encoder_run(config) if config.encoder else {}
-    dataset = config.dataset or run.get("dataset") or DEFAULT_DATASET
-    return dataset_task(config.task, dataset, run.get("max_len", config.history_len), tokenizer,
-                        config.review_field, config.noun, config.max_target_tokens)
+    source = find_encoder(config.encoder) if config.encoder else None
+    dataset = config.dataset or (source.dataset if source else None) or DEFAULT_DATASET
+    max_len = (source.max_len if source else None) or config.history_len
+    return dataset_task(config.task, dataset, max_len, tokenizer, config.review_field, config.noun,
+                        config.max_target_tokens)
 
 
 def dataset_task(name: str, dataset: str, max_len: int, tokenizer: PreTrainedTokenizerBase,
@@ -98,7 +93,7 @@ def build_model(config: ContextualizeConfig, seq: UserSequences, llm: PreTrained
             lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM")  # as UserLLM's
             return get_peft_model(llm, lora)
         return llm.requires_grad_(True)
-    encoder = load_pretrained(Path(config.encoder) / "best", next(llm.parameters()).device)
+    encoder = load_pretrained(find_encoder(config.encoder).folder, next(llm.parameters()).device)
     if encoder.config.vocab_sizes != seq.vocab_sizes:
         raise ValueError(f"encoder vocab sizes {encoder.config.vocab_sizes} differ from the dataset's "
                          f"{seq.vocab_sizes}: the encoder was pretrained on other data")
@@ -263,27 +258,6 @@ def evaluate_model(model: nn.Module, task: Task, config: ContextualizeConfig, sp
     return finalize(sums)
 
 
-def _check_run_dir(run_dir: Path, config: ContextualizeConfig, resume: bool) -> None:
-    if not (run_dir / "config.json").exists():
-        return
-    if not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
-                              "another --out")
-    # through the dataclass: settings added since the run was written take their defaults
-    saved = asdict(ContextualizeConfig.from_dict(json.loads((run_dir / "config.json").read_text())))
-    if saved != asdict(config):
-        changed = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
-        raise ValueError(f"{run_dir}/config.json differs from this run's settings {changed}: a resumed run "
-                         "must use the same settings")
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
-    if path.exists():
-        lines = [x for x in path.read_text().splitlines() if json.loads(x)["step"] <= step]
-        path.write_text("".join(x + "\n" for x in lines))
-
-
 def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     """UserLLM: its own format. TextPrompt: the LoRA adapter, or the whole LLM and its tokenizer."""
     model.save_pretrained(directory)
@@ -291,42 +265,23 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: 
         tokenizer.save_pretrained(directory)
 
 
-def load_model(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Task, ContextualizeConfig]:
-    """The trained model of a finished run (`contextualize`, or a Flower run's ``userllm/``), its task and
+def load_model(path: str | Path, device: str = "auto") -> tuple[nn.Module, Task, ContextualizeConfig]:
+    """The trained model of a finished contextualize or Flower run (or of its userllm/ folder), its task and
     its config."""
-    run_dir = Path(run_dir)
+    source = find_userllm(path)
+    config = ContextualizeConfig.from_dict(source.config)
     target = resolve_device(device)
-    if (run_dir / "userllm").is_dir():
-        config = _flower_run_config(run_dir)
-        llm, tokenizer = load_llm(config.llm, device=target)
-        task = dataset_task(config.task, config.dataset, config.history_len, tokenizer)
-        return UserLLM.from_pretrained(run_dir / "userllm", llm=llm).eval(), task, config
-    if not (run_dir / "model").is_dir():
-        raise FileNotFoundError(f"{run_dir}: no trained model (expected {run_dir / 'model'}/, or userllm/ in a "
-                                "Flower run directory)")
-    config = ContextualizeConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     if config.integration == "text" and config.strategy == "full":
-        llm, tokenizer = load_llm(str(run_dir / "model"), device=target)
+        llm, tokenizer = load_llm(str(source.folder), device=target)
         return llm, load_task(config, tokenizer), config
     llm, tokenizer = load_llm(config.llm, device=target)
     if config.integration == "text":
-        model: nn.Module = PeftModel.from_pretrained(llm, run_dir / "model")
+        model: nn.Module = PeftModel.from_pretrained(llm, source.folder)
     else:
-        frozen = None if config.strategy != "proj" else load_pretrained(Path(config.encoder) / "best", target)
-        model = UserLLM.from_pretrained(run_dir / "model", llm=llm, encoder=frozen)
+        old_frozen = config.strategy == "proj" and not (source.folder / ENCODER_DIR).is_dir()
+        frozen = load_pretrained(find_encoder(config.encoder).folder, target) if old_frozen else None
+        model = UserLLM.from_pretrained(source.folder, llm=llm, encoder=frozen)
     return model.eval(), load_task(config, tokenizer), config
-
-
-def _flower_run_config(run_dir: Path) -> ContextualizeConfig:
-    """The contextualize settings of a Flower run (its config.json holds the app's run config)."""
-    saved = json.loads((run_dir / "config.json").read_text())
-    if "settings" not in saved:
-        raise ValueError(f"{run_dir / 'config.json'}: no 'settings' field; a directory with userllm/ is expected "
-                         "to be a Flower run directory (its config.json holds the app's run config)")
-    settings = saved["settings"]
-    return ContextualizeConfig(encoder=str(run_dir / "final"), dataset=settings["dataset"], llm=settings["llm"],
-                               task=settings["llm_task"],
-                               integration=settings["llm_integration"], history_len=settings["max_len"])
 
 
 def evaluate_llm(run_dir: str | Path, split: str = "test", num_users: int | None = None, device: str = "auto",
@@ -340,23 +295,23 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
                   progress: bool = True,
                   base: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> dict:
     """Train ``config`` into ``run_dir``; returns results.json (val/test metrics, parameter counts, time)."""
-    run_dir = Path(run_dir)
-    _check_run_dir(run_dir, config, resume)
+    run = RunDir(run_dir)
+    resumed = run.check_resume(config, resume)
     torch.manual_seed(config.seed)  # the new projection / cross-attention weights
     model, task = prepare(config, base)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", asdict(config))
+    run.write_config(asdict(config))
+    if not resumed:
+        run.mark_latest()
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_frac))
     step, seconds = 0, 0.0
-    checkpoint = run_dir / "checkpoint.pt"
-    if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=True)
+    state = run.load_checkpoint(map_location=next(model.parameters()).device) if resumed else {}
+    if state:
         load_trainable_state(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, seconds = state["step"], state["seconds"]
-    _keep_metrics_until(run_dir / "metrics.jsonl", step)
+    run.keep_metrics(lambda record: record["step"] <= step)
     catalog = None
     if config.objective == "catalog" and step < config.steps:
         if progress:
@@ -378,22 +333,22 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
         step, seconds = step + n, seconds + time.time() - start
         pending += [loss] * n
         if step % LOG_EVERY == 0 or step == config.steps:
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, "loss": float(np.mean(pending)),
-                                                     "lr": scheduler.get_last_lr()[0], "seconds": seconds})
+            run.append_metrics({"step": step, "loss": float(np.mean(pending)), "lr": scheduler.get_last_lr()[0],
+                                "seconds": seconds})
             pending = []
         if config.eval_every and config.eval_users and step % config.eval_every == 0 and step < config.steps:
             val = evaluate_model(model, task, config, "val")
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **{f"val_{k}": v for k, v in val.items()}})
+            run.append_metrics({"step": step, **{f"val_{k}": v for k, v in val.items()}})
         if step % config.checkpoint_every == 0 or step == config.steps:
             state = {"step": step, "seconds": seconds, "trainable": trainable_state(model),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            atomic_torch_save(state, checkpoint)
+            run.save_checkpoint(state)
     bar.close()
-    save_model(model, task.tokenizer, run_dir / "model")
+    save_model(model, task.tokenizer, run / USERLLM)
     results = {"trainable_parameters": trainable_parameters(model), "train_seconds": seconds,
                "train_examples": len(examples.spans)}
     if config.eval_users:
         for split in ("val", "test"):
             results[split] = evaluate_model(model, task, config, split, progress=progress)
-    atomic_write_json(run_dir / "results.json", results)
+    run.write_results(results)
     return results
