@@ -28,6 +28,7 @@ guarantee does not cover. `fed-userllm release` (`fed_userllm.server.release`) c
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import math
 import secrets
@@ -284,6 +285,7 @@ class RunState:
             log(INFO, "fed-userllm: resuming phase %s after round %d", phase.name, done)
         self.run.keep_metrics(lambda r: r["phase"] != phase.name or r["round"] <= done)
         eval_nodes = _sample_nodes(self.federation.nodes, cfg.eval_fraction, cfg.seed, 2)
+        seconds: list[float] = []  # of this phase's rounds run by this process (for the ETA)
         for rnd in range(done + 1, cfg.num_rounds + 1):
             if self.ledger is not None and self.ledger.rounds_remaining(cfg.fraction_train) == 0:
                 log(WARNING, "fed-userllm: stopping before round %d: target-epsilon=%s is spent", rnd,
@@ -308,7 +310,9 @@ class RunState:
             self.run.append_metrics(record)
             self.checkpoint({"phase": phase.name, "round": rnd, "strategy": strategy_state(strategy),
                              "arrays": {k: v.numpy() for k, v in arrays.items()}})
-            log(INFO, "fed-userllm: [%s] round %d/%d: %s", phase.name, rnd, cfg.num_rounds, _fmt(record))
+            seconds.append(record["round_seconds"])
+            log(INFO, "fed-userllm: %s", progress_line(phase.name, rnd, cfg.num_rounds, record,
+                                                       float(np.mean(seconds))))
         set_arrays(model, arrays)
         model.save_pretrained(self.run_dir / phase.output)
         if canaries is not None:
@@ -631,6 +635,22 @@ def _exchange_sizes(phase: Phase, cfg: FederatedConfig, model: torch.nn.Module, 
         len(_sample_nodes(list(range(num_clients)), cfg.test_fraction, cfg.seed, 3)), num_clients,
         cfg.test_fraction)
     return {"update_bytes": exchanged, "llm_bytes": frozen}
+
+
+def progress_line(phase: str, rnd: int, total: int, record: dict, seconds_per_round: float) -> str:
+    """The round's one readable log line: epsilon so far, training loss, validation Recall@10 when evaluated,
+    the round's seconds and the phase's ETA. Every figure of the round is in metrics.jsonl."""
+    parts = [f"[{phase}] round {rnd}/{total}"]
+    if "epsilon" in record:
+        parts.append(f"epsilon {record['epsilon']:.3g}")
+    if "train_loss" in record:
+        parts.append(f"loss {record['train_loss']:.4g}")
+    if "val_recall@10" in record:
+        parts.append(f"val recall@10 {record['val_recall@10']:.4f}")
+    if record.get("skipped"):
+        parts.append("skipped (short round)")
+    eta = datetime.timedelta(seconds=round(seconds_per_round * (total - rnd)))
+    return "  ".join([*parts, f"{record['round_seconds']:.1f} s", f"ETA {eta}"])
 
 
 def _train_metrics(ok: list[Message]) -> dict:

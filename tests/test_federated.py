@@ -5,6 +5,7 @@ Context per node, like the simulation engine keeps), so the ServerApp's round lo
 """
 
 import json
+import logging
 import math
 import re
 import signal
@@ -700,3 +701,24 @@ def test_every_encoder_builds_with_the_configured_item_width(tmp_path, model):
     assert encoder.config.feature_dims["item"] == 8
     assert all(dim == DEFAULT_FEATURE_DIMS[f] for f, dim in encoder.config.feature_dims.items() if f != "item")
 
+
+def test_each_round_logs_one_readable_progress_line(tmp_path, caplog):
+    config = run_config(tmp_path, dp="user", num_rounds=2, eval_every=1)
+    with caplog.at_level(logging.INFO):
+        run_dir = run(InProcessGrid(config), FederatedConfig.from_run_config(config))
+    lines = [r.getMessage() for r in caplog.records if "] round " in r.getMessage()]
+    line = (r"fed-userllm: \[pretrain\] round {}/2  epsilon [\d.]+  loss [\d.]+  val recall@10 [\d.]+  [\d.]+ s  "
+            r"ETA \S+$")
+    assert len(lines) == 2 and all(re.match(line.format(i + 1), text) for i, text in enumerate(lines)), lines
+    assert lines[-1].endswith("ETA 0:00:00")
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"update_norm_mean", "bytes_sent", "clients_sampled"} <= set(records[0])  # the details stay there
+
+
+def test_the_progress_line_says_phase_round_epsilon_loss_seconds_and_eta():
+    record = {"round": 2, "epsilon": 1.23456, "train_loss": 3.21098, "round_seconds": 10.04, "val_recall@10": 0.25,
+              "bytes_sent": 123, "local_steps": 8}
+    assert runner.progress_line("pretrain", 2, 5, record, 12.0) == (
+        "[pretrain] round 2/5  epsilon 1.23  loss 3.211  val recall@10 0.2500  10.0 s  ETA 0:00:36")
+    assert runner.progress_line("popularity", 4, 4, {"round_seconds": 1.0, "skipped": True}, 1.0) == (
+        "[popularity] round 4/4  skipped (short round)  1.0 s  ETA 0:00:00")
