@@ -13,19 +13,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from federation_fixtures import DATASET, MAX_LEN, PINNED, TINY_FEDERATION
 
 from fed_userllm.cli import main
 from fed_userllm.data import load_sequences
 from fed_userllm.server.local_grid import run_local
 
-DATASET = "synthetic:users=12,items=40,genres=4,events=12"
-MAX_LEN = 8
-TINY_RUN = {"dataset": DATASET, "max-len": MAX_LEN, "d-model": 16, "n-layers": 1, "n-heads": 2, "item-dim": 8,
-            "item-features": "learned", "phases": "popularity,pretrain,contextualize", "num-rounds": 2,
-            "fraction-train": 0.5, "local-steps": 0, "batch-size": 4, "lr": 0.5, "server-lr": 0.1,
-            "server-tau": 0.001, "llm-rounds": 2, "llm-fraction-train": 0.5, "llm-local-steps": 3,
-            "llm-batch-size": 4, "llm-lr": 0.01, "llm-eval-fraction": 0.25, "eval-every": 0, "dp": "user",
-            "noise-multiplier": 1.0, "target-epsilon": 0.0, "dp-seed": 7, "canaries": 0,
+TINY_RUN = {**TINY_FEDERATION, **PINNED, "phases": "popularity,pretrain,contextualize", "num-rounds": 2,
+            "llm-rounds": 2, "llm-fraction-train": 0.5, "llm-local-steps": 3, "llm-batch-size": 4, "llm-lr": 0.01,
+            "llm-eval-fraction": 0.25, "eval-every": 0, "dp": "user", "dp-seed": 7, "canaries": 0,
             "llm-server-lr": 0.5}  # FedAdam steps of ~eta: the cross-attention gates open within two rounds
 USERS = (0, 7)
 

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from llm_fixtures import set_gates
-from test_userllm import TITLES, make, tiny_llm, tiny_tokenizer, user_batch
+from llm_fixtures import TITLES, make, set_gates, tiny_llm, title_tokenizer, user_batch
 
 from fed_userllm.models.constrained import TitleTrie, rank_titles
 
@@ -11,7 +10,7 @@ PROMPTS = ["user likes action next movie :", "recommend a film :"]
 
 
 def test_trie_handles_shared_prefixes_and_duplicates():
-    tok = tiny_tokenizer()
+    tok = title_tokenizer()
     trie = TitleTrie.from_titles(TITLES, tok, item_ids=[10 + i for i in range(len(TITLES))])
     eos = tok.eos_token_id
     alien, three, matrix = (tok.convert_tokens_to_ids(w) for w in ("alien", "three", "matrix"))
@@ -54,7 +53,7 @@ def exact_ranking(model, tok, trie, k, users=None) -> list[list[int]]:
 
 @pytest.mark.parametrize("kind", ["xattn", "softprompt", "plain"])
 def test_rank_titles_matches_exhaustive_scoring(kind):
-    tok = tiny_tokenizer()
+    tok = title_tokenizer()
     trie = TitleTrie.from_titles(TITLES, tok)
     users = user_batch([6, 2])
     if kind == "plain":
@@ -74,7 +73,7 @@ def test_rank_titles_matches_exhaustive_scoring(kind):
 
 @pytest.mark.parametrize("integration", ["xattn", "softprompt"])
 def test_every_constrained_beam_is_a_title(integration):
-    tok = tiny_tokenizer()
+    tok = title_tokenizer()
     trie = TitleTrie.from_titles(TITLES, tok)
     model = make("gpt2", seed=1, integration=integration)
     if integration == "xattn":
@@ -91,6 +90,6 @@ def test_every_constrained_beam_is_a_title(integration):
 
 
 def test_rank_titles_rejects_bad_k():
-    tok = tiny_tokenizer()
+    tok = title_tokenizer()
     with pytest.raises(ValueError, match="k=8"):
         rank_titles(tiny_llm("gpt2"), tok, PROMPTS, TITLES, 8)  # 7 distinct titles

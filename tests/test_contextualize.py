@@ -6,7 +6,6 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from llm_fixtures import save_tiny_llm
 
 import fed_userllm.train.contextualize as ctx
 from fed_userllm.data.reviews import read_reviews, review_sequences
@@ -30,19 +29,17 @@ from fed_userllm.train.pretrain_config import PretrainConfig
 DATA = "synthetic:users=40,items=30,seed=1"
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FED_USERLLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_llm_dir):
     """A pretrained tiny encoder run and a tiny LLM folder, shared by the tests of this module."""
     root = tmp_path_factory.mktemp("runs")
     settings = PretrainConfig(dataset=DATA, max_len=10, d_model=16, n_layers=1, n_heads=2, epochs=1,
                               batch_size=32, dropout=0.0, device="cpu")
     pretrain(settings, root / "enc", progress=False)
-    return {"encoder": str(root / "enc"), "llm": save_tiny_llm(root / "llm")}
+    return {"encoder": str(root / "enc"), "llm": tiny_llm_dir}
 
 
 def config(runs, **overrides) -> ContextualizeConfig:

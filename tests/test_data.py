@@ -33,9 +33,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 FORMATS = ["ml-csv", "ml-dat", "ml-100k"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FED_USERLLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_embedded_dataset_counts(capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from federation_fixtures import TINY_FEDERATION, USERS
 from scipy.optimize import brentq
 from scipy.stats import norm
 
@@ -20,11 +21,9 @@ from fed_userllm.server.local_grid import LocalGrid, app_defaults
 from fed_userllm.server.runner import run
 
 DELTA = 1e-5
-USERS = 12
-TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
-        "n-layers": 1, "n-heads": 2, "item-dim": 8, "batch-size": 4, "eval-every": 0, "test-fraction": 0.25,
-        "phases": "pretrain", "dp": "user", "dp-seed": 3, "canaries": 100, "fraction-train": 0.5, "num-rounds": 5,
-        "noise-multiplier": 1.0, "target-epsilon": 0.0}  # the values these tests were written for, not the app's
+TINY = {**TINY_FEDERATION, "eval-every": 0, "test-fraction": 0.25, "phases": "pretrain", "dp": "user", "dp-seed": 3,
+        "canaries": 100, "fraction-train": 0.5, "num-rounds": 5, "noise-multiplier": 1.0,
+        "target-epsilon": 0.0}  # the values these tests were written for, not the app's
 
 
 def analytic_gaussian_epsilon(mu: float, delta: float) -> float:

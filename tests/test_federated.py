@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from federation_fixtures import PINNED, TINY_FEDERATION, USERS
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
@@ -39,13 +40,8 @@ from fed_userllm.server.runner import PHASES, run
 from fed_userllm.server.strategy import build_strategy, load_strategy_state, strategy_state
 
 DEFAULTS = app_defaults()
-USERS = 12
-TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
-        "n-layers": 1, "n-heads": 2, "item-dim": 8, "num-rounds": 2, "batch-size": 4, "lr": 0.5,
-        "eval-every": 1, "eval-fraction": 0.5, "dp-seed": 7, "phases": "pretrain"}  # LLM phase: its own file
-# The values these tests were written for (the app's defaults are a DP recipe sized for 610 users).
-TINY |= {"item-features": "learned", "local-steps": 0, "server-lr": 0.1, "server-tau": 0.001, "noise-multiplier": 1.0,
-         "target-epsilon": 0.0, "fraction-train": 0.5}
+TINY = {**TINY_FEDERATION, **PINNED, "num-rounds": 2, "eval-every": 1, "eval-fraction": 0.5, "dp-seed": 7,
+        "phases": "pretrain"}  # LLM phase: its own file
 
 
 def run_config(tmp_path: Path, **overrides) -> dict:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from federation_fixtures import PINNED, TINY_FEDERATION, USERS
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from llm_fixtures import save_tiny_llm
 from safetensors.torch import load_file
 
 from fed_userllm.cli import main
@@ -33,19 +33,9 @@ from fed_userllm.server.local_grid import FIRST_NODE, LocalGrid, app_defaults, r
 from fed_userllm.server.runner import run
 from fed_userllm.train.contextualize import Examples, evaluate_llm, load_model, task_loss
 
-USERS = 12
-TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
-        "n-layers": 1, "n-heads": 2, "item-dim": 8, "num-rounds": 2, "batch-size": 4, "lr": 0.5, "dp-seed": 7,
-        "eval-every": 1, "eval-fraction": 0.5, "llm-rounds": 2, "llm-fraction-train": 0.25, "llm-local-steps": 3,
-        "llm-batch-size": 4, "llm-lr": 0.01, "llm-eval-fraction": 0.25, "phases": "pretrain,contextualize"}
-# The values these tests were written for (the app's defaults are a DP recipe sized for 610 users).
-TINY |= {"item-features": "learned", "local-steps": 0, "server-lr": 0.1, "server-tau": 0.001, "noise-multiplier": 1.0,
-         "target-epsilon": 0.0, "fraction-train": 0.5}
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> str:
-    return save_tiny_llm(tmp_path_factory.mktemp("llm"))
+TINY = {**TINY_FEDERATION, **PINNED, "num-rounds": 2, "dp-seed": 7, "eval-every": 1, "eval-fraction": 0.5,
+        "llm-rounds": 2, "llm-fraction-train": 0.25, "llm-local-steps": 3, "llm-batch-size": 4, "llm-lr": 0.01,
+        "llm-eval-fraction": 0.25, "phases": "pretrain,contextualize"}
 
 
 def run_config(tmp_path: Path, llm: str, **overrides) -> dict:
@@ -89,8 +79,8 @@ def client_loss(model: UserLLM, cfg: FederatedConfig, arrays, partition: int) ->
     return float(np.mean([task_loss(model, examples.sample(8, 123, step)[0]).item() for step in range(3)]))
 
 
-def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_loss(tmp_path, llm):
-    config = run_config(tmp_path, llm, llm_local_steps=6)
+def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_loss(tmp_path, tiny_llm_dir):
+    config = run_config(tmp_path, tiny_llm_dir, llm_local_steps=6)
     cfg = phase_settings(config)
     model, arrays = initial_arrays(cfg)
     content = RecordDict({"arrays": arrays, "config": ConfigRecord(
@@ -111,8 +101,8 @@ def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_los
 
 
 @pytest.mark.parametrize("user_tokens", ["events", "next_item"])
-def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path, llm, user_tokens):
-    config = run_config(tmp_path, llm, llm_objective="catalog", llm_local_steps=10, llm_batch_size=16,
+def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path, tiny_llm_dir, user_tokens):
+    config = run_config(tmp_path, tiny_llm_dir, llm_objective="catalog", llm_local_steps=10, llm_batch_size=16,
                         llm_user_tokens=user_tokens)
     cfg = phase_settings(config)
     model, arrays = initial_arrays(cfg)
@@ -134,13 +124,13 @@ def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path
 
     assert catalog_loss(sent) < catalog_loss(arrays) - 0.05
     with pytest.raises(ValueError, match="llm-objective"):
-        phase_settings(run_config(tmp_path, llm, llm_objective="catalog", llm_task="favgenre"))
+        phase_settings(run_config(tmp_path, tiny_llm_dir, llm_objective="catalog", llm_task="favgenre"))
     with pytest.raises(ValueError, match="llm-user-tokens"):
-        phase_settings(run_config(tmp_path, llm, llm_user_tokens="last"))
+        phase_settings(run_config(tmp_path, tiny_llm_dir, llm_user_tokens="last"))
 
 
-def test_evaluate_reply_is_hit_counts_of_the_clients_own_target(tmp_path, llm):
-    config = run_config(tmp_path, llm)
+def test_evaluate_reply_is_hit_counts_of_the_clients_own_target(tmp_path, tiny_llm_dir):
+    config = run_config(tmp_path, tiny_llm_dir)
     _, arrays = initial_arrays(phase_settings(config))
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"split": "test", "server-round": 1})})
     reply = call_client(config, "evaluate.contextualize", content, partition=3).content
@@ -150,8 +140,8 @@ def test_evaluate_reply_is_hit_counts_of_the_clients_own_target(tmp_path, llm):
     assert 0 <= metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"] <= 1
 
 
-def test_pretrain_then_contextualize_share_one_ledger_charged_at_each_phases_rate(tmp_path, llm):
-    run_dir = run_local(run_config(tmp_path, llm, dp="user", fraction_train=0.5))
+def test_pretrain_then_contextualize_share_one_ledger_charged_at_each_phases_rate(tmp_path, tiny_llm_dir):
+    run_dir = run_local(run_config(tmp_path, tiny_llm_dir, dp="user", fraction_train=0.5))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["round"]) for r in records] == [("pretrain", 1), ("pretrain", 2),
                                                            ("contextualize", 1), ("contextualize", 2)]
@@ -173,7 +163,7 @@ def test_pretrain_then_contextualize_share_one_ledger_charged_at_each_phases_rat
     results = json.loads((run_dir / "results.json").read_text())
     assert results["contextualize"]["test"]["n"] == round(0.25 * USERS)  # the fixed evaluation sample
     assert results["pretrain"]["test"]["n"] == USERS
-    saved = UserLLM.from_pretrained(run_dir / "userllm", llm=load_llm(llm, device="cpu")[0])
+    saved = UserLLM.from_pretrained(run_dir / "userllm", llm=load_llm(tiny_llm_dir, device="cpu")[0])
     final = torch.load(run_dir / "checkpoint.pt", weights_only=False)["arrays"]
     assert set(final) == set(saved.trainable_parameter_names())
     assert all(np.array_equal(p.detach().numpy(), final[n]) for n, p in saved.named_parameters() if n in final)
@@ -200,8 +190,8 @@ class NanInTheLLMPhase(LocalGrid):
         return replies
 
 
-def test_the_llm_phase_refuses_a_nan_reply_and_its_run_releases_both_models(tmp_path, llm):
-    config = run_config(tmp_path, llm, dp="user", dp_seed=0, canaries=20, llm_fraction_train=1.0, llm_rounds=1,
+def test_the_llm_phase_refuses_a_nan_reply_and_its_run_releases_both_models(tmp_path, tiny_llm_dir):
+    config = run_config(tmp_path, tiny_llm_dir, dp="user", dp_seed=0, canaries=20, llm_fraction_train=1.0, llm_rounds=1,
                         eval_every=0)
     run_dir = run(NanInTheLLMPhase(config, USERS), FederatedConfig.from_run_config(config))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -218,9 +208,9 @@ def test_the_llm_phase_refuses_a_nan_reply_and_its_run_releases_both_models(tmp_
                                                                  weights_only=False)["arrays"].values())
 
 
-def test_contextualize_alone_starts_from_the_given_encoder(tmp_path, llm):
-    pretrained = run_local(run_config(tmp_path / "a", llm, phases="pretrain", dp="none", eval_every=0))
-    config = run_config(tmp_path / "b", llm, phases="contextualize", encoder=str(pretrained), dp="none",
+def test_contextualize_alone_starts_from_the_given_encoder(tmp_path, tiny_llm_dir):
+    pretrained = run_local(run_config(tmp_path / "a", tiny_llm_dir, phases="pretrain", dp="none", eval_every=0))
+    config = run_config(tmp_path / "b", tiny_llm_dir, phases="contextualize", encoder=str(pretrained), dp="none",
                         llm_rounds=1, eval_every=0)
     cfg = phase_settings(config)
     model = initial_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes, pretrained)
@@ -239,8 +229,8 @@ def test_contextualize_alone_starts_from_the_given_encoder(tmp_path, llm):
         initial_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes, tmp_path / "nothing")
 
 
-def test_phase_settings_and_bad_combinations_fail_fast(tmp_path, llm):
-    cfg = phase_settings(run_config(tmp_path, llm))
+def test_phase_settings_and_bad_combinations_fail_fast(tmp_path, tiny_llm_dir):
+    cfg = phase_settings(run_config(tmp_path, tiny_llm_dir))
     assert (cfg.num_rounds, cfg.fraction_train, cfg.local_steps, cfg.batch_size, cfg.lr, cfg.test_fraction) == (
         2, 0.25, 3, 4, 0.01, 0.25)
     bad = [({"dp": "sample"}, "dp"), ({"phases": "contextualize"}, "encoder"),
@@ -250,15 +240,16 @@ def test_phase_settings_and_bad_combinations_fail_fast(tmp_path, llm):
            ({"llm-local-steps": 0}, "llm-local-steps")]
     for overrides, key in bad:
         with pytest.raises(ValueError, match=f"^{key}="):
-            FederatedConfig.from_run_config({**run_config(tmp_path, llm), **overrides})
+            FederatedConfig.from_run_config({**run_config(tmp_path, tiny_llm_dir), **overrides})
     with pytest.raises(ValueError, match="DP-SGD"):
-        FederatedConfig.from_run_config({**run_config(tmp_path, llm), "dp": "sample"})
+        FederatedConfig.from_run_config({**run_config(tmp_path, tiny_llm_dir), "dp": "sample"})
 
 
-def test_a_run_killed_inside_the_contextualize_phase_resumes_to_the_uninterrupted_result(tmp_path, llm, monkeypatch):
+def test_a_run_killed_inside_the_contextualize_phase_resumes_to_the_uninterrupted_result(tmp_path, tiny_llm_dir,
+                                                                                       monkeypatch):
     common = {"dp": "user", "fraction_train": 0.5, "eval_every": 0}
-    whole = run_local(run_config(tmp_path / "whole", llm, **common))
-    broken = run_config(tmp_path / "broken", llm, **common)
+    whole = run_local(run_config(tmp_path / "whole", tiny_llm_dir, **common))
+    broken = run_config(tmp_path / "broken", tiny_llm_dir, **common)
     real_append = RunDir.append_metrics
 
     def crash(run, record):  # after the ledger charged contextualize round 2, before its checkpoint
@@ -287,9 +278,9 @@ def test_a_run_killed_inside_the_contextualize_phase_resumes_to_the_uninterrupte
     assert (run_dir / "userllm").is_dir()
 
 
-def test_reviewg_runs_federated_on_an_amazon_review_folder(tmp_path, llm):
+def test_reviewg_runs_federated_on_an_amazon_review_folder(tmp_path, tiny_llm_dir):
     folder = str(Path(__file__).parent / "fixtures" / "amazon")
-    config = run_config(tmp_path, llm, dataset=folder, max_len=4, dp="none", llm_task="reviewg",
+    config = run_config(tmp_path, tiny_llm_dir, dataset=folder, max_len=4, dp="none", llm_task="reviewg",
                         fraction_train=1.0, eval_fraction=1.0, llm_fraction_train=1.0, llm_eval_fraction=1.0)
     with pytest.warns(UserWarning, match="skipped"):  # the fixture holds duplicate and untitled reviews
         run_dir = run_local(config)
@@ -298,4 +289,4 @@ def test_reviewg_runs_federated_on_an_amazon_review_folder(tmp_path, llm):
     assert results["contextualize"]["test"]["n"] == 3 and results["pretrain"]["test"]["n"] == 3
     assert all(0 <= results["contextualize"]["test"][k] <= 1 for k in ("rouge1", "rouge2", "rougeL"))
     with pytest.raises(ValueError, match="llm-task='reviewg': expected nextitem or favgenre unless dataset"):
-        FederatedConfig.from_run_config(run_config(tmp_path / "ml", llm, llm_task="reviewg"))
+        FederatedConfig.from_run_config(run_config(tmp_path / "ml", tiny_llm_dir, llm_task="reviewg"))

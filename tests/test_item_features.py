@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from federation_fixtures import TINY_FEDERATION
 from llm_fixtures import save_tiny_llm
 
 from fed_userllm.clients.config import FederatedConfig
@@ -114,9 +115,8 @@ def test_public_encoder_trains_projections_not_a_table_and_saves_its_features(tm
         build_encoder("dual", sizes, 8, 16, 1, 2, 0.0, 8, table)
 
 
-TINY = {"dataset": "synthetic:users=12,items=40,genres=4,events=12", "max-len": 8, "d-model": 16, "n-layers": 1,
-        "n-heads": 2, "item-dim": 8, "batch-size": 4, "lr": 0.5, "dp-seed": 7, "phases": "pretrain",
-        "item-features": "public", "item-features-llm": ""}
+TINY = {**TINY_FEDERATION, "lr": 0.5, "dp-seed": 7, "phases": "pretrain", "item-features": "public",
+        "item-features-llm": ""}
 
 
 def test_the_federation_exchanges_exactly_the_trainable_tensors(tmp_path, cache):

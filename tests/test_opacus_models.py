@@ -8,8 +8,8 @@ ordinary batch gradient (the losses are means over rows, ``loss_reduction="mean"
 
 import pytest
 import torch
+from encoder_fixtures import make_batch, tiny
 from opacus import GradSampleModule
-from test_models import make_batch, tiny
 
 from fed_userllm.models import ARUserEncoder, BERT4Rec, DualEncoder
 from fed_userllm.models.layers import attention_mask

@@ -13,7 +13,7 @@ from fed_userllm.extras import EXTRAS
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-FIRST_PARTY = {"fed_userllm", "llm_fixtures"}
+FIRST_PARTY = {"fed_userllm"} | {p.stem for p in (ROOT / "tests").glob("*.py")}  # and the tests' helpers
 PEER_RUNNER = ROOT / "benchmarks" / "recbole_peer.py"  # runs in RecBole's own venv (make bench-peers)
 
 
@@ -36,8 +36,7 @@ def imported_modules(folder: Path) -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names.add(node.module.split(".")[0])
-    return {n for n in names if n not in sys.stdlib_module_names and n not in FIRST_PARTY
-            and not n.startswith("test_")}
+    return {n for n in names if n not in sys.stdlib_module_names and n not in FIRST_PARTY}
 
 
 def test_every_imported_package_is_declared():

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from federation_fixtures import TINY_FEDERATION, USERS
 
 from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.clients.task import client_users, load_data, popularity_update
@@ -14,11 +15,9 @@ from fed_userllm.models import ARUserEncoder, Popularity
 from fed_userllm.privacy import audit
 from fed_userllm.server.local_grid import app_defaults, run_local
 
-USERS = 12
-TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
-        "n-layers": 1, "n-heads": 2, "item-dim": 8, "num-rounds": 1, "batch-size": 4, "lr": 0.5, "eval-every": 0,
-        "dp-seed": 7, "phases": "popularity,pretrain", "popularity-rounds": 3, "item-features": "public",
-        "item-features-llm": "", "canaries": 0}  # no canary: they bias a 40-item release
+TINY = {**TINY_FEDERATION, "num-rounds": 1, "lr": 0.5, "eval-every": 0, "dp-seed": 7, "phases": "popularity,pretrain",
+        "popularity-rounds": 3, "item-features": "public", "item-features-llm": "",
+        "canaries": 0}  # no canary: they bias a 40-item release
 
 
 def config(tmp_path, **overrides) -> dict:

@@ -14,9 +14,7 @@ from fed_userllm.train.pretrain_config import PretrainConfig
 DATA = "synthetic:users=120,items=80,genres=4,events=20,seed=2"
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FED_USERLLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def tiny(**overrides) -> PretrainConfig:

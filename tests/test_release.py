@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from federation_fixtures import TINY_FEDERATION, USERS
 from safetensors.torch import load_file, save_file
 
 from fed_userllm.cli import main
@@ -18,11 +19,9 @@ from fed_userllm.server import runner
 from fed_userllm.server.local_grid import LocalGrid, app_defaults
 from fed_userllm.server.runner import run
 
-USERS = 12
 SEED = 7_123_456_789_012_345_678  # the "secret" DP seed the OS would have drawn
-TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
-        "n-layers": 1, "n-heads": 2, "item-dim": 8, "num-rounds": 2, "batch-size": 4, "eval-every": 1,
-        "phases": "pretrain", "dp": "user", "dp-seed": 0, "canaries": 4}
+TINY = {**TINY_FEDERATION, "num-rounds": 2, "eval-every": 1, "phases": "pretrain", "dp": "user", "dp-seed": 0,
+        "canaries": 4}
 
 
 def finished_run(tmp_path: Path, monkeypatch, **overrides) -> Path:

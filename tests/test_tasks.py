@@ -25,9 +25,7 @@ DATA = "synthetic:users=40,items=30,seed=1"
 H = 8  # history length (the tiny encoder takes up to 11 events)
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FED_USERLLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,7 @@ def tiny_userllm(seq, tok, seed: int = 0, arch: str = "llama", **overrides) -> U
                                                 n_layers=1, n_heads=2, max_len=11, dropout=0.0))
     fields = dict(llm="unused", xattn_every=1, xattn_dim=16, n_xattn_heads=2, num_latents=4,
                   num_task_prompt_tokens=2)
-    return UserLLM(UserLLMConfig(**fields | overrides), encoder, tiny_llm(len(tok), arch, seed=seed))
+    return UserLLM(UserLLMConfig(**fields | overrides), encoder, tiny_llm(arch, seed=seed, vocab_size=len(tok)))
 
 
 # ---------------------------------------------------------------- examples and prompts
@@ -176,8 +174,8 @@ def test_text_only_ranking_with_a_prefilled_prompt_cache_is_exact(seq, tok):
     spans = task.spans(np.arange(4), "test", H)
     lengths = (1, 5, 8, 2)  # prompts of different lengths: left padding
     prompts = [task.prompt(s, e, text_history=k) for (s, e), k in zip(spans.tolist(), lengths, strict=True)]
-    plain = tiny_llm(len(tok), "gpt2", seed=3)
-    lora = get_peft_model(tiny_llm(len(tok), "llama", seed=4), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    plain = tiny_llm("gpt2", seed=3, vocab_size=len(tok))
+    lora = get_peft_model(tiny_llm("llama", seed=4, vocab_size=len(tok)), LoraConfig(r=4, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
@@ -233,7 +231,7 @@ def test_a_few_steps_reduce_the_task_loss(seq, tok, kind):
     spans = task.spans(np.arange(4), "train", H)[:16]
     examples = Examples(task, spans, H, text_history=3 if kind == "tp-lora" else 0)
     if kind == "tp-lora":
-        model = get_peft_model(tiny_llm(len(tok), seed=1), LoraConfig(r=4, task_type="CAUSAL_LM"))
+        model = get_peft_model(tiny_llm(seed=1, vocab_size=len(tok)), LoraConfig(r=4, task_type="CAUSAL_LM"))
     else:
         model = tiny_userllm(seq, tok, integration=kind)
     fixed = task.batch(spans, H, examples.text_history)

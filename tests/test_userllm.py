@@ -5,75 +5,25 @@ import os
 
 import pytest
 import torch
-from llm_fixtures import set_gates
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from llm_fixtures import (
+    USER_VOCAB,
+    VOCAB,
+    make,
+    set_gates,
+    text,
+    tiny_encoder,
+    tiny_llm,
+    title_tokenizer,
+    user_batch,
+)
 
 from fed_userllm.models import llm as llm_module
-from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
 from fed_userllm.models.bert4rec import BERT4Rec, BERT4RecConfig
 from fed_userllm.models.dual_encoder import DualEncoder, DualEncoderConfig
 from fed_userllm.models.projection import PerceiverResampler, Projection
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-VOCAB = 48
-TITLES = ["alien", "alien three", "aliens", "the matrix", "the matrix reloaded", "toy story", "toy story", "heat"]
-PROMPT_WORDS = ["next movie :", "user likes action", "recommend a film"]
-USER_VOCAB = {"item": 20, "genre": 6, "rating": 8}
-
-
-def tiny_llm(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if arch == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-        return LlamaForCausalLM(cfg).eval()
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                     initializer_range=0.2)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_encoder(seed: int = 0) -> ARUserEncoder:
-    torch.manual_seed(seed)
-    cfg = ARUserEncoderConfig(vocab_sizes=USER_VOCAB, feature_dims={"item": 16, "genre": 8, "rating": 8},
-                              d_model=32, n_layers=1, n_heads=2, max_len=8, dropout=0.0)
-    return ARUserEncoder(cfg)
-
-
-def user_batch(lengths: list[int], T: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-    batch = {f: torch.randint(3, v, (len(lengths), T), generator=g) * mask for f, v in USER_VOCAB.items()}
-    return {**batch, "mask": mask}
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer built in memory (no downloads); ids fit in the tiny LLMs' vocabulary."""
-    words = sorted(set(" ".join(TITLES + PROMPT_WORDS).split()))
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<eos>", *words])}
-    assert len(vocab) <= VOCAB
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-
-
-def make(arch: str = "llama", seed: int = 0, **overrides) -> UserLLM:
-    """A User-LLM over a tiny random LLM (passed in, so ``llm`` is only a reference here)."""
-    fields = dict(llm="unused-in-tests", xattn_every=1, xattn_dim=16, n_xattn_heads=2, num_latents=4,
-                  num_task_prompt_tokens=3, lora_r=4)
-    return UserLLM(UserLLMConfig(**fields | overrides), tiny_encoder(seed), tiny_llm(arch, seed))
-
-
-def text(B: int = 2, L: int = 5, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # a left-padded prompt
-    return ids, mask
 
 
 # ---------------------------------------------------------------- projection
@@ -316,7 +266,7 @@ def test_training_learns_a_user_dependent_answer():
 def test_save_load_round_trip(tmp_path, integration, strategy, user_tokens):
     base = tiny_llm("llama", seed=3)
     base.save_pretrained(tmp_path / "base")
-    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    title_tokenizer().save_pretrained(tmp_path / "base")
     cfg = UserLLMConfig(llm=str(tmp_path / "base"), integration=integration, strategy=strategy, xattn_every=1,
                         xattn_dim=16, n_xattn_heads=2, num_latents=4, lora_r=4, user_tokens=user_tokens,
                         perceiver=user_tokens == "events")
@@ -370,7 +320,7 @@ def test_config_rejects_bad_values():
 def test_load_llm_from_local_dir(tmp_path):
     base = tiny_llm("gpt2", seed=4)
     base.save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
+    title_tokenizer().save_pretrained(tmp_path)
     model, tokenizer = llm_module.load_llm(str(tmp_path), device="cpu")
     ids = torch.tensor([[5, 6, 7]])
     assert model.dtype == torch.float32 and not model.training
