@@ -31,14 +31,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed_userllm import streams
 from fed_userllm.clients import contextualize
 from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.clients.faults import inject_faults
 from fed_userllm.clients.task import (
-    build_model,
     client_users,
     evaluate_local,
     get_arrays,
+    initial_encoder,
     load_data,
     local_plan,
     popularity_update,
@@ -77,7 +78,7 @@ class _Client:
         self.users = client_users(self.cfg, self.seq, self.partition_id)
 
     def model(self, message: Message) -> torch.nn.Module:
-        model = build_model(self.cfg, self.seq.vocab_sizes)
+        model = initial_encoder(self.cfg, self.seq.vocab_sizes)
         set_arrays(model, message.content["arrays"])
         return model
 
@@ -165,7 +166,8 @@ def train_contextualize(message: Message, context: Context) -> Message:
     cfg, config = client.cfg.for_phase("contextualize"), message.content["config"]
     model = contextualize.shared_userllm(cfg, client.seq.vocab_sizes).model
     set_arrays(model, message.content["arrays"])
-    seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), client.partition_id, 1])
+    seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), client.partition_id,
+                                           streams.LLM_TRAINING])
                .generate_state(1)[0])
     loss, examples = contextualize.train_local(model, contextualize.client_task(cfg), client.users, cfg, seed)
     metrics = {"num-examples": examples, "train-loss": loss, "steps": cfg.local_steps}

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fed_userllm.clients.config import FederatedConfig
-from fed_userllm.clients.task import build_model, load_data
+from fed_userllm.clients.task import initial_encoder, load_data
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
 from fed_userllm.models.userllm import UserLLM, UserLLMConfig
@@ -64,7 +64,7 @@ def shared_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> SharedU
 @lru_cache(maxsize=1)
 def _build(cfg: FederatedConfig, vocab_items: tuple[tuple[str, int], ...]) -> SharedUserLLM:
     llm, tokenizer = load_llm(cfg.llm, device=resolve_device(cfg.device))
-    encoder = build_model(cfg, dict(vocab_items))  # seeds torch with cfg.seed: the new layers are seeded too
+    encoder = initial_encoder(cfg, dict(vocab_items))  # seeds torch with cfg.seed: the new layers are seeded too
     config = UserLLMConfig(llm=cfg.llm, integration=cfg.llm_integration, xattn_ffn=cfg.llm_xattn_ffn,
                            xattn_layers=[-1] if cfg.llm_objective == "catalog" else None,
                            user_tokens=cfg.llm_user_tokens, perceiver=cfg.llm_user_tokens == "events")

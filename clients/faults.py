@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fed_userllm import streams
 from fed_userllm.clients.config import FederatedConfig
 
 
@@ -34,7 +35,7 @@ def inject_faults(message: Message, context: Context, call_next: ClientAppCallab
         return reply
     server_round = int(message.content["config"]["server-round"])
     partition = int(context.node_config["partition-id"])
-    if np.random.default_rng([cfg.seed, server_round, partition, 7]).random() >= cfg.fault_rate:
+    if np.random.default_rng([cfg.seed, server_round, partition, streams.FAULTS]).random() >= cfg.fault_rate:
         return reply
     if cfg.fault_kind == "error":
         raise InjectedFault(f"injected fault: client {partition} crashed in round {server_round}")

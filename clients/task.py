@@ -20,31 +20,17 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from fed_userllm.clients.config import FederatedConfig
-from fed_userllm.data import NUM_RESERVED, Partitioner, UserSequences, load_catalog, load_sequences
-from fed_userllm.data.item_features import ItemFeatureSpec, public_item_features
-from fed_userllm.data.sequences import public_vocabularies
+from fed_userllm.data import NUM_RESERVED, Partitioner, UserSequences, load_sequences
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.models import build_encoder
 
 
-def build_model(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> torch.nn.Module:
-    """A fresh encoder of ``cfg.model`` (seeded by ``cfg.seed``, so server and tests agree on round 0).
-
-    With ``item-features='public'`` every side computes the same frozen item table from the public catalog;
-    only the trainable parameters are ever exchanged.
-    """
-    features = public_item_table(cfg.dataset, cfg.item_features_llm) if cfg.item_features == "public" else None
+def initial_encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> torch.nn.Module:
+    """A fresh encoder of ``cfg.model`` (seeded by ``cfg.seed``, so server and tests agree on round 0). With
+    ``item-features='public'`` every side computes the same frozen item table from the public catalog; only
+    the trainable parameters are ever exchanged."""
     torch.manual_seed(cfg.seed)
-    return build_encoder(cfg.model, vocab_sizes, cfg.max_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout,
-                         cfg.item_dim, features)
-
-
-@lru_cache(maxsize=2)
-def public_item_table(dataset: str, llm: str) -> np.ndarray:
-    """The public item features of ``dataset``'s catalog, from the catalog alone (once per process; the LLM
-    part is cached on disk)."""
-    catalog = load_catalog(dataset)
-    return public_item_features(catalog, public_vocabularies(catalog)["item"], ItemFeatureSpec(llm=llm))
+    return build_encoder(cfg, vocab_sizes)
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import Field, field, fields
 from typing import Any
 
+# Closed sets that torch-free settings check and the models implement (declared once, here).
+ENCODER_NAMES = ("ar", "dual", "bert4rec")  # the user encoders `fed_userllm.models.ENCODERS` builds
+ITEM_FEATURES = ("learned", "public")  # how an encoder represents items (`fed_userllm.models.layers`)
 
 def setting(default: Any, help: str, choices: tuple | None = None) -> Any:
     """A dataclass field with its help text and (optional) closed set of values."""

@@ -44,9 +44,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fed_userllm import streams
 from fed_userllm.clients.config import PHASE_NAMES, FederatedConfig
 from fed_userllm.clients.contextualize import initial_userllm
-from fed_userllm.clients.task import build_model, get_arrays, set_arrays
+from fed_userllm.clients.task import get_arrays, initial_encoder, set_arrays
 from fed_userllm.eval.ranking import add_sums, finalize
 from fed_userllm.models import Popularity, PopularityConfig
 from fed_userllm.privacy import (
@@ -115,13 +116,13 @@ what the accounting needs, and no federated evaluation runs.
 class Phase:
     """A federated phase: its client handlers (by message type) and the model it trains.
 
-    ``build_model(settings, vocabulary sizes, run directory)`` gives the phase's starting model; only its
+    ``initial_model(settings, vocabulary sizes, run directory)`` gives the phase's starting model; only its
     trainable parameters are exchanged. The phase runs with ``cfg.for_phase(name)``: its own rounds, q,
     learning rates and evaluation share.
     """
 
     name: str
-    build_model: Callable[[FederatedConfig, dict[str, int], Path], torch.nn.Module]
+    initial_model: Callable[[FederatedConfig, dict[str, int], Path], torch.nn.Module]
     output: str  # folder in the run directory for the phase's final model
 
     @property
@@ -142,7 +143,7 @@ def _popularity(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path
 
 def _encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
     """A fresh user encoder (pretrain); after a popularity phase its item bias is the released prior."""
-    model = build_model(cfg, vocab_sizes)
+    model = initial_encoder(cfg, vocab_sizes)
     if "popularity" in cfg.phase_names:
         with torch.no_grad():
             prior = item_prior(run_dir, cfg)
@@ -266,7 +267,7 @@ class RunState:
         """Train ``phase`` for ``num-rounds`` rounds (continuing a checkpoint of it); return test metrics (None
         without federated evaluation)."""
         cfg = self.cfg.for_phase(phase.name)
-        model = phase.build_model(cfg, self.federation.vocab_sizes, self.run_dir)
+        model = phase.initial_model(cfg, self.federation.vocab_sizes, self.run_dir)
         arrays = get_arrays(model)
         sizes = _exchange_sizes(phase, cfg, model, arrays, len(self.federation.nodes))
         strategy = build_strategy(cfg, _phase_seed(self.dp_seed, phase.name), self.privacy.noise_multiplier)
@@ -284,7 +285,7 @@ class RunState:
             done = ckpt["round"]
             log(INFO, "fed-userllm: resuming phase %s after round %d", phase.name, done)
         self.run.keep_metrics(lambda r: r["phase"] != phase.name or r["round"] <= done)
-        eval_nodes = _sample_nodes(self.federation.nodes, cfg.eval_fraction, cfg.seed, 2)
+        eval_nodes = _sample_nodes(self.federation.nodes, cfg.eval_fraction, cfg.seed, streams.VALIDATION_CLIENTS)
         seconds: list[float] = []  # of this phase's rounds run by this process (for the ETA)
         for rnd in range(done + 1, cfg.num_rounds + 1):
             if self.ledger is not None and self.ledger.rounds_remaining(cfg.fraction_train) == 0:
@@ -319,7 +320,7 @@ class RunState:
             canaries.save(self.run_dir, phase.name, initial, {k: v.numpy() for k, v in arrays.items()})
         test = None
         if self.federated_evaluation:
-            test_nodes = _sample_nodes(self.federation.nodes, cfg.test_fraction, cfg.seed, 3)
+            test_nodes = _sample_nodes(self.federation.nodes, cfg.test_fraction, cfg.seed, streams.TEST_CLIENTS)
             test, _ = self.evaluate(phase, arrays, test_nodes, "test", cfg.num_rounds)
             log(INFO, "fed-userllm: [%s] final test over %d users (operator-private, not covered by DP): %s",
                 phase.name, int(test["n"]), _fmt(test))
@@ -632,7 +633,7 @@ def _exchange_sizes(phase: Phase, cfg: FederatedConfig, model: torch.nn.Module, 
         "validation and final test on a fixed sample of %d of the %d clients (llm-eval-fraction=%g: constrained "
         "beam search over every title is slow on CPU)", phase.name, cfg.num_rounds, cfg.fraction_train,
         cfg.fraction_train * num_clients, cfg.local_steps, cfg.batch_size,
-        len(_sample_nodes(list(range(num_clients)), cfg.test_fraction, cfg.seed, 3)), num_clients,
+        len(_sample_nodes(list(range(num_clients)), cfg.test_fraction, cfg.seed, streams.TEST_CLIENTS)), num_clients,
         cfg.test_fraction)
     return {"update_bytes": exchanged, "llm_bytes": frozen}
 

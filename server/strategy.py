@@ -35,6 +35,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
+from fed_userllm import streams
 from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.privacy import Canaries, aggregate_dp_fedavg, model_update, poisson_sample
 
@@ -55,7 +56,7 @@ class PoissonFedAvg(FedAvg):
                         grid: Grid) -> list[Message]:
         nodes = sorted(grid.get_node_ids())
         self.num_clients = len(nodes)
-        rng = np.random.default_rng([self.seed, server_round, 0, self.attempt])
+        rng = np.random.default_rng([self.seed, server_round, streams.COHORT, self.attempt])
         chosen = poisson_sample(len(nodes), self.fraction_train, rng)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -91,7 +92,7 @@ class UserDPFedAvg(PoissonFedAvg):
         base = [self.global_arrays[k].numpy() for k in keys]
         updates = (model_update([r.content[self.arrayrecord_key][k].numpy() for k in keys], base)
                    for r in valid)
-        rng = np.random.default_rng([self.seed, server_round, 1, self.attempt])
+        rng = np.random.default_rng([self.seed, server_round, streams.NOISE, self.attempt])
         chosen = [] if self.canaries is None else self.canaries.participants(server_round, self.attempt)
         self.last_canaries = len(chosen)
         canaries = (self.canaries.update(int(i)) for i in chosen)

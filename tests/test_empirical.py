@@ -12,6 +12,7 @@ from federation_fixtures import TINY_FEDERATION, USERS
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from fed_userllm import streams
 from fed_userllm.cli import main
 from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.privacy import Canaries, canary_seed, empirical_audit, estimate_epsilon, gaussian_epsilon
@@ -122,7 +123,8 @@ def test_canary_participation_is_poisson_at_q_and_independent_of_the_cohort():
     cohort = np.zeros((rounds, count))
     for r in range(rounds):
         joined[r, canaries.participants(r + 1)] = 1
-        cohort[r, poisson_sample(count, q, np.random.default_rng([seed, r + 1, 0, 0]))] = 1  # the strategy's draw
+        strategy_draw = np.random.default_rng([seed, r + 1, streams.COHORT, 0])
+        cohort[r, poisson_sample(count, q, strategy_draw)] = 1
     n = rounds * count
     assert abs(joined.mean() - q) < 4 * math.sqrt(q * (1 - q) / n)
     correlation = np.corrcoef(joined.ravel(), cohort.ravel())[0, 1]

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from fed_userllm.clients import app as client_app_module
 from fed_userllm.clients.app import app as client_app
 from fed_userllm.clients.config import PHASE_NAMES, FederatedConfig
-from fed_userllm.clients.task import build_model, get_arrays, load_data, train_local
+from fed_userllm.clients.task import get_arrays, initial_encoder, load_data, train_local
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
@@ -88,7 +88,7 @@ def call_client(config: dict, message_type: str, content: RecordDict, partition:
 
 def global_model(config: dict) -> torch.nn.Module:
     cfg = FederatedConfig.from_run_config(config)
-    return build_model(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes)
+    return initial_encoder(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes)
 
 
 def train_content(model: torch.nn.Module, noise_multiplier: float = 0.0, delta: float = 1e-3) -> RecordDict:

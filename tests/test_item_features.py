@@ -1,6 +1,7 @@
 """Public item features: a deterministic function of the catalog, never of ratings; frozen, saved, never sent."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from federation_fixtures import TINY_FEDERATION
 from llm_fixtures import save_tiny_llm
 
 from fed_userllm.clients.config import FederatedConfig
-from fed_userllm.clients.task import build_model, get_arrays, load_data
+from fed_userllm.clients.task import get_arrays, initial_encoder, load_data
 from fed_userllm.data import NUM_RESERVED, Catalog, load_catalog, synthetic_movielens
 from fed_userllm.data import item_features as features_module
 from fed_userllm.data.item_features import (
@@ -21,16 +22,13 @@ from fed_userllm.data.item_features import (
 from fed_userllm.data.sequences import public_vocabularies
 from fed_userllm.models import ARUserEncoder, build_encoder
 from fed_userllm.server.local_grid import app_defaults, run_local
+from fed_userllm.train.pretrain_config import PretrainConfig
 
 CATALOG = Catalog({1: "Heat (1995)", 2: "Amélie (2001)", 3: "Nameless", 5: "Seven (a.k.a. Se7en) (1995)",
                    8: "Jaws (1975)"},
                   {1: ("Action", "Crime"), 2: ("Comedy",), 3: (), 5: ("Crime", "Thriller"), 8: ("Thriller",)})
 
-
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FED_USERLLM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+SIZES_8_16 = PretrainConfig(model="ar", max_len=8, d_model=16, n_layers=1, n_heads=2, dropout=0.0, item_dim=8)
 
 
 def test_release_year_is_read_from_the_title():
@@ -56,7 +54,7 @@ def test_catalog_block_holds_genres_and_year_and_zero_reserved_rows():
     np.testing.assert_allclose((genres ** 2).sum(1).mean(), 1.0, rtol=1e-9)
 
 
-def test_features_are_a_deterministic_function_of_the_catalog_alone(cache, tmp_path):
+def test_features_are_a_deterministic_function_of_the_catalog_alone(isolated_cache, tmp_path):
     """The same catalog gives bit-identical tables, whatever the ratings; the LLM part is computed once."""
     interactions, catalog = synthetic_movielens(num_users=30, num_items=25, num_genres=4, seed=1)
     llm = save_tiny_llm(tmp_path / "llm", catalog.titles.values())
@@ -84,7 +82,7 @@ def test_public_encoder_trains_projections_not_a_table_and_saves_its_features(tm
     vocabs = public_vocabularies(catalog)
     table = catalog_features(catalog, vocabs["item"]).astype(np.float32)
     sizes = {k: len(v) for k, v in vocabs.items()}
-    model = build_encoder("ar", sizes, 8, 16, 1, 2, 0.0, 8, table)
+    model = build_encoder(SIZES_8_16, sizes, table)
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert not any("features" in n for n in trainable)
     assert trainable["embed.item.proj.weight"] == table.shape[1] * 8
@@ -110,19 +108,19 @@ def test_public_encoder_trains_projections_not_a_table_and_saves_its_features(tm
     torch.testing.assert_close(loaded.score_items(batch), model.eval().score_items(batch))
     assert json.loads((tmp_path / "m" / "config.json").read_text())["item_features"] == "public"
     with pytest.raises(ValueError, match="item_features has shape"):
-        build_encoder("ar", sizes, 8, 16, 1, 2, 0.0, 8, table[:, :3].T)
+        build_encoder(SIZES_8_16, sizes, table[:, :3].T)
     with pytest.raises(ValueError, match="AR encoder"):
-        build_encoder("dual", sizes, 8, 16, 1, 2, 0.0, 8, table)
+        build_encoder(replace(SIZES_8_16, model="dual"), sizes, table)
 
 
 TINY = {**TINY_FEDERATION, "lr": 0.5, "dp-seed": 7, "phases": "pretrain", "item-features": "public",
         "item-features-llm": ""}
 
 
-def test_the_federation_exchanges_exactly_the_trainable_tensors(tmp_path, cache):
+def test_the_federation_exchanges_exactly_the_trainable_tensors(tmp_path, isolated_cache):
     config = {**app_defaults(), **TINY, "run-dir": str(tmp_path / "run"), "num-rounds": 1, "eval-every": 1}
     cfg = FederatedConfig.from_run_config(config)
-    model = build_model(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes)
+    model = initial_encoder(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes)
     arrays = get_arrays(model)
     assert set(arrays.keys()) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any("features" in k for k in arrays.keys())

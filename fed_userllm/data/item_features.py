@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 from tqdm import tqdm
@@ -135,3 +136,14 @@ def _unit_block(block: np.ndarray) -> np.ndarray:
 
 def _with_reserved(block: np.ndarray) -> np.ndarray:
     return np.vstack([np.zeros((NUM_RESERVED, block.shape[1])), block])
+
+
+@lru_cache(maxsize=2)
+def public_item_table(dataset: str, llm: str) -> np.ndarray:
+    """The public item features of ``dataset``'s catalog, from the catalog alone (once per process; the LLM
+    part is cached on disk)."""
+    from fed_userllm.data.datasets import load_catalog
+    from fed_userllm.data.sequences import public_vocabularies
+
+    catalog = load_catalog(dataset)
+    return public_item_features(catalog, public_vocabularies(catalog)["item"], ItemFeatureSpec(llm=llm))

@@ -4,41 +4,60 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from fed_userllm.data.item_features import public_item_table
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
 from fed_userllm.models.bert4rec import BERT4Rec, BERT4RecConfig
 from fed_userllm.models.dual_encoder import DualEncoder, DualEncoderConfig
 from fed_userllm.models.layers import CONFIG_FILE, with_item_dim
 from fed_userllm.models.popularity import Popularity, PopularityConfig
+from fed_userllm.settings import ENCODER_NAMES
 
 MODELS = {cls.model_type: cls for cls in (ARUserEncoder, DualEncoder, BERT4Rec, Popularity)}
-ENCODERS = {"ar": (ARUserEncoder, ARUserEncoderConfig), "dual": (DualEncoder, DualEncoderConfig),
-            "bert4rec": (BERT4Rec, BERT4RecConfig)}
+ENCODERS = dict(zip(ENCODER_NAMES, ((ARUserEncoder, ARUserEncoderConfig), (DualEncoder, DualEncoderConfig),
+                                     (BERT4Rec, BERT4RecConfig)), strict=True))
 
 
-def build_encoder(name: str, vocab_sizes: dict[str, int], max_len: int, d_model: int, n_layers: int, n_heads: int,
-                  dropout: float, item_dim: int, item_features: np.ndarray | None = None,
+def build_encoder(settings: EncoderSettings, vocab_sizes: dict[str, int], item_features: np.ndarray | None = None,
                   **options) -> torch.nn.Module:
-    """A fresh encoder ``name`` (ar | dual | bert4rec) for windows of ``max_len`` events (plus the target).
+    """A fresh encoder as run ``settings`` describe it (``model``: ar | dual | bert4rec, and its sizes) for
+    windows of ``settings.max_len`` events (plus the target).
 
     ``item_features`` [vocab, dim], the public item table (`fed_userllm.data.item_features`), makes the
-    encoder read and score items through it (``item_features="public"``) instead of a learned table.
-    ``options`` are further fields of the encoder's config (e.g. ``seen_offset`` of the AR encoder).
+    encoder read and score items through it instead of a learned table; with ``settings.item_features ==
+    "public"`` it is computed from the public catalog of ``settings.dataset``. ``options`` are further fields of
+    the encoder's config (e.g. ``seen_offset`` of the AR encoder).
     """
-    if name not in ENCODERS:
-        raise ValueError(f"model={name!r}: expected one of {sorted(ENCODERS)}")
-    model_class, config_class = ENCODERS[name]
+    if settings.model not in ENCODERS:
+        raise ValueError(f"model={settings.model!r}: expected one of {sorted(ENCODERS)}")
+    if item_features is None and getattr(settings, "item_features", "learned") == "public":
+        item_features = public_item_table(settings.dataset, settings.item_features_llm)
+    model_class, config_class = ENCODERS[settings.model]
     public = {} if item_features is None else {"item_features": "public",
                                                 "public_feature_dim": int(item_features.shape[1])}
-    config = with_item_dim(config_class(vocab_sizes=vocab_sizes, max_len=max_len + 1, d_model=d_model,
-                                        n_layers=n_layers, n_heads=n_heads, dropout=dropout, **public, **options),
-                            item_dim)
+    config = with_item_dim(config_class(vocab_sizes=vocab_sizes, max_len=settings.max_len + 1,
+                                        d_model=settings.d_model, n_layers=settings.n_layers,
+                                        n_heads=settings.n_heads, dropout=settings.dropout, **public, **options),
+                           settings.item_dim)
     if item_features is None:
         return model_class(config)
     return model_class(config, torch.from_numpy(np.asarray(item_features, dtype=np.float32)))
+
+
+class EncoderSettings(Protocol):
+    """What `build_encoder` reads of a run's settings (`PretrainConfig` and `FederatedConfig` both have it)."""
+
+    model: str
+    max_len: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    dropout: float
+    item_dim: int
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -18,11 +18,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from fed_userllm.data.vocab import NUM_RESERVED
+from fed_userllm.settings import ITEM_FEATURES
 
 CONFIG_FILE = "config.json"  # a saved model: its config with model_type (save_pretrained / from_pretrained)
 WEIGHTS_FILE = "model.safetensors"  # ... and its weights
 DEFAULT_FEATURE_DIMS = {"item": 64, "genre": 16, "rating": 8}
-ITEM_FEATURES = ("learned", "public")
 
 
 @dataclass

@@ -22,7 +22,6 @@ import torch
 from tqdm import tqdm
 
 from fed_userllm.data import UserSequences, load_sequences
-from fed_userllm.data.item_features import ItemFeatureSpec, public_item_features
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import Popularity, PopularityConfig, build_encoder, load_pretrained
@@ -35,13 +34,9 @@ def build_model(config: PretrainConfig, seq: UserSequences) -> torch.nn.Module:
     """A fresh model of ``config.model`` sized for the dataset's vocabularies and window length."""
     if config.model == "popularity":
         return Popularity(PopularityConfig(vocab_sizes=seq.vocab_sizes))
-    features = None
-    if config.item_features == "public":
-        features = public_item_features(seq.catalog, seq.vocabs["item"], ItemFeatureSpec(llm=config.item_features_llm))
     options = {"seen_offset": config.seen_offset, "label_smoothing": config.label_smoothing} \
         if config.model == "ar" else {}
-    return build_encoder(config.model, seq.vocab_sizes, seq.max_len, config.d_model, config.n_layers,
-                         config.n_heads, config.dropout, config.item_dim, features, **options)
+    return build_encoder(config, seq.vocab_sizes, **options)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float):

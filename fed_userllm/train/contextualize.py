@@ -86,7 +86,7 @@ def dataset_task(name: str, dataset: str, max_len: int, tokenizer: PreTrainedTok
     return TASKS[name](seq or load_sequences(dataset, max_len=max_len), tokenizer, noun=noun)
 
 
-def build_model(config: ContextualizeConfig, seq: UserSequences, llm: PreTrainedModel) -> nn.Module:
+def build_userllm(config: ContextualizeConfig, seq: UserSequences, llm: PreTrainedModel) -> nn.Module:
     """A fresh model to train. Takes ownership of ``llm`` (freezes it, may add LoRA or hooks)."""
     if config.integration == "text":
         if config.strategy == "lora":
@@ -112,7 +112,7 @@ def prepare(config: ContextualizeConfig,
     else:
         llm, tokenizer = copy.deepcopy(base[0]), base[1]
     task = load_task(config, tokenizer)
-    return build_model(config, task.seq, llm), task
+    return build_userllm(config, task.seq, llm), task
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fed_userllm.settings import check_choices, from_dict, setting
+from fed_userllm.settings import ENCODER_NAMES, ITEM_FEATURES, check_choices, from_dict, setting
 
-ENCODER_NAMES = ("ar", "dual", "bert4rec")  # the encoders `models.ENCODERS` builds
 MODEL_NAMES = (*ENCODER_NAMES, "popularity")
-ITEM_FEATURES = ("learned", "public")  # `models.layers.ITEM_FEATURES`
 
 
 @dataclass
