@@ -1,4 +1,4 @@
-"""Benchmark: User-LLM vs TextPrompt on MovieLens with the frozen embedded SmolLM2-135M (PAPER.md §3-5).
+"""Benchmark: User-LLM (Ning, Liu et al., 2024, §3-5) vs TextPrompt on MovieLens with the frozen SmolLM2-135M.
 
     python benchmarks/userllm.py [--encoder RUN_DIR] [--out runs/bench-userllm] [--quick]
 

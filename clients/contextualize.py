@@ -1,4 +1,5 @@
-"""The contextualize phase's model and a client's local work on it: the federated Enc strategy (PAPER.md §3).
+"""The contextualize phase's model and a client's local work on it: the federated Enc strategy
+(User-LLM, Ning, Liu et al., 2024, §3).
 
 The model is a `UserLLM` whose LLM is frozen. Clients train the user encoder, the projection and the
 cross-attention blocks (or the soft prompt) on their own task examples, and only those tensors cross the

@@ -416,9 +416,9 @@ class RunState:
     def exchange(self, messages: list[Message]) -> list[Message]:
         """Send ``messages`` and collect the replies, at most ``max-in-flight`` outstanding at a time.
 
-        Flower's simulation engine scans every pending message for every node ten times a second
-        (O(nodes x pending) under one lock), so hundreds of messages in flight across 610 nodes keep the
-        server process busy and starve the client workers; small batches keep the scan cheap.
+        Flower's simulation engine scans every pending message for every node several times a second
+        (O(nodes x pending) under one lock), so hundreds of messages in flight across hundreds of nodes keep
+        the server process busy and starve the client workers; small batches keep the scan cheap.
         ``round-timeout`` bounds the whole exchange; replies that miss it count as failures.
         """
         step = self.cfg.max_in_flight or len(messages) or 1

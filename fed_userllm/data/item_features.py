@@ -7,7 +7,7 @@ What is public is not learned privately. Each catalog item gets, in its vocabula
   ``llm_layers`` decoder layers, reduced by PCA to ``title_dim`` dimensions.
 Each block is standardized and scaled to unit mean squared norm, so no block dominates at initialization.
 Reserved ids (PAD, UNK, MASK) get zero rows. The table depends on the catalog, the vocabulary and these
-settings only (never on ratings), and the LLM part is cached on disk per catalog hash: it takes minutes on a CPU.
+settings only (never on ratings), and the LLM part, the slow one on a CPU, is cached on disk per catalog hash.
 """
 
 from __future__ import annotations

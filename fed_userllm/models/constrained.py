@@ -1,4 +1,5 @@
-"""Constrained beam search over a closed list of titles (NextItem evaluation, PAPER.md §4).
+"""Constrained beam search over a closed list of titles: the NextItem evaluation of User-LLM (Ning, Liu et al.,
+2024, §4).
 
 Every title is tokenized with the LLM tokenizer and terminated with EOS; a token trie over these sequences
 restricts each beam step to continuations of real titles, so beam search with K beams returns K titles ranked

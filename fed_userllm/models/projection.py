@@ -1,4 +1,4 @@
-"""Projection from user-encoder embeddings to the tokens an LLM consumes (PAPER.md §3).
+"""Projection from user-encoder embeddings to the tokens an LLM consumes (User-LLM, Ning, Liu et al., 2024, §3).
 
 The user encoder emits one embedding per event ([B, T, d_user]). ``Projection`` maps them to ``d_out``:
 a small cross-attention dimension (cross-attention integration) or the LLM hidden size (soft prompt).

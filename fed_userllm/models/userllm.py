@@ -1,4 +1,4 @@
-"""User-LLM: a causal LM contextualized with user-encoder embeddings (PAPER.md §3).
+"""User-LLM: a causal LM contextualized with user-encoder embeddings (User-LLM, Ning, Liu et al., 2024, §3).
 
 Two integrations:
 - ``xattn``: Flamingo-style gated cross-attention blocks run after every k-th decoder layer; text states attend to
@@ -93,8 +93,8 @@ class GatedCrossAttention(nn.Module):
 
     Runs as a forward hook on a decoder layer, in float32 whatever the LLM dtype, and returns the hidden
     states unchanged (bit for bit) while the gates are 0. Updates are scaled by the residual stream's RMS at
-    each position: late layers of an LLM carry states of RMS ~30-40 (SmolLM2), where an update of unit size
-    would barely move the logits however the gate is trained.
+    each position: late layers of an LLM carry states of large RMS (docs/design-notes.md), where an update of
+    unit size would barely move the logits however the gate is trained.
     """
 
     def __init__(self, hidden: int, user_dim: int, n_heads: int, ffn: bool):

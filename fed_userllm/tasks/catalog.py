@@ -2,17 +2,17 @@
 
 Constrained ranking scores a title by the sum over its tokens of the log-probability renormalized over the
 tokens the title trie allows (`fed_userllm.models.constrained.RenormalizeAllowed`). Where the trie has a
-single continuation that term is 0, so only the trie's *branching* nodes count: 2,961 of ~109k nodes for
-the 9.7k ml-latest-small titles with SmolLM2's tokenizer, 2.6 per title on average.
+single continuation that term is 0, so only the trie's *branching* nodes count, a few percent of its nodes
+(docs/design-notes.md has the counts for ml-latest-small).
 
 When the model's only cross-attention block follows the **last** decoder layer and every example has the
 same prompt (NextItem without a text history), the frozen LLM's text states at those nodes do not depend
 on the user. `CatalogScorer` computes them once (one batched pass of the LLM over the trie's branching
-prefixes, seconds to a minute on a CPU); log P(title | catalog) for any user then costs one cross-attention
+prefixes); log P(title | catalog) for any user then costs one cross-attention
 call per branching node on the title's path plus a softmax over the node's allowed tokens, instead of a
 pass through the whole LLM. The result is the model's exact score (tested against a full forward pass);
-training on it (``objective="catalog"`` in `fed_userllm.train.contextualize`) takes every training example
-in minutes where the token-level LM loss needs hours, and optimises what the ranking measures.
+training on it (``objective="catalog"`` in `fed_userllm.train.contextualize`) affords every training example
+on a CPU, where the token-level LM loss does not, and optimises what the ranking measures.
 """
 
 from __future__ import annotations

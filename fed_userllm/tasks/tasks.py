@@ -1,4 +1,4 @@
-"""The phase-two tasks of User-LLM (PAPER.md §4): NextItem, FavGenre and ReviewG.
+"""The phase-two tasks of User-LLM (Ning, Liu et al., 2024, §4): NextItem, FavGenre and ReviewG.
 
 An example is a *span* of one user's events, ``[start, end)`` in global event indices: the history. NextItem
 asks for the title of event ``end``, ReviewG for the user's review of event ``end`` (its item and rating are

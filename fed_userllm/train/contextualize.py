@@ -1,4 +1,4 @@
-"""Phase two: contextualize an LLM with a pretrained user encoder on one task (PAPER.md §3-4).
+"""Phase two: contextualize an LLM with a pretrained user encoder on one task (User-LLM, Ning, Liu et al., 2024, §3-4).
 
 Trains a `UserLLM` (cross-attention or soft prompt; strategies full / lora / enc / proj) or, with
 ``integration="text"``, the TextPrompt baseline (the history as text, the LLM fine-tuned fully or with LoRA).
