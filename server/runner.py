@@ -29,7 +29,6 @@ guarantee does not cover. `fed-userllm release` (`fed_userllm.server.release`) c
 from __future__ import annotations
 
 import datetime
-import hashlib
 import math
 import secrets
 import time
@@ -54,20 +53,13 @@ from fed_userllm.privacy import (
     SAMPLE_LEVEL,
     USER_LEVEL,
     Canaries,
-    LedgerConfig,
-    LedgerError,
     PrivacyBudgetExceeded,
     PrivacyLedger,
     audit,
-    calibrate_noise,
-    calibrate_noise_for_plan,
     canary_seed,
-    default_delta,
-    epsilon_from_history,
-    max_rounds_within_budget,
     release_digest,
 )
-from fed_userllm.privacy.ledger import read_ledger
+from fed_userllm.privacy.budget import Budget, Privacy, charged_after, ledger_key, open_ledger, resolve_privacy
 from fed_userllm.rundir import FINAL, OPERATOR_PRIVATE, POPULARITY, USERLLM, RunDir
 from fed_userllm.runtime import (
     atomic_write_bytes,
@@ -184,16 +176,6 @@ class Federation:
     vocab_sizes: dict[str, int]
 
 
-@dataclass(frozen=True)
-class Privacy:
-    """The resolved privacy settings of a run (noise multiplier calibrated when a target is set)."""
-
-    mechanism: str | None  # USER_LEVEL, SAMPLE_LEVEL or None
-    noise_multiplier: float
-    delta: float | None
-    max_rounds: int | None  # user-level DP with a target epsilon: rounds the budget affords
-
-
 NO_EVALUATION = ("not run under dp='sample': the server is the adversary there, and exact hit counts would "
                  "reveal each client's held-out item; evaluate the released model on data you hold")
 
@@ -204,14 +186,14 @@ def run(grid: Grid, cfg: FederatedConfig) -> Path:
     run = resolve_run_dir(cfg)
     run_dir = run.path
     federation = describe_federation(grid, cfg)
-    privacy = resolve_privacy(cfg, federation)
+    privacy = resolve_privacy(cfg, federation.num_clients, federation.num_examples)
     write_or_check_config(run, cfg, federation, privacy)
     atomic_write_bytes(run / OPERATOR_PRIVATE, OPERATOR_PRIVATE_TEXT.encode())
     ckpt = run.load_checkpoint(weights_only=False)
-    ledger = open_ledger(run_dir, cfg, federation, privacy, ckpt.get("ledger_head"))
-    state = RunState(grid, cfg, run_dir, federation, privacy, ledger,
-                     cfg.dp_seed or ckpt.get("dp_seed") or secrets.randbits(63), ckpt.get("completed", []),
-                     _charged_after(ledger, ckpt.get("ledger_head")))
+    ledger = open_ledger(run_dir, cfg, federation.num_clients, privacy, ckpt.get("ledger_head"))
+    state = RunState(grid, cfg, run_dir, federation,
+                     Budget(privacy, ledger, charged_after(ledger, ckpt.get("ledger_head"))),
+                     cfg.dp_seed or ckpt.get("dp_seed") or secrets.randbits(63), ckpt.get("completed", []))
     log(INFO, "fed-userllm: run directory %s (%s)", run_dir, "resumed" if ckpt else "new")
     if not ckpt:
         state.checkpoint({})  # the secret seed first, so even a crash in round 1 is redone identically
@@ -248,11 +230,17 @@ class RunState:
     cfg: FederatedConfig
     run_dir: Path
     federation: Federation
-    privacy: Privacy
-    ledger: PrivacyLedger | None
+    budget: Budget
     dp_seed: int  # secret: seeds the Poisson cohorts and the DP noise; kept in the checkpoint only
     completed: list[str]  # phases finished in this run directory
-    pending_charge: dict | None = None  # a ledger round charged after the last checkpoint (a crash)
+
+    @property
+    def privacy(self) -> Privacy:
+        return self.budget.privacy
+
+    @property
+    def ledger(self) -> PrivacyLedger | None:
+        return self.budget.ledger
 
     @property
     def run(self) -> RunDir:
@@ -380,11 +368,12 @@ class RunState:
                                "last checkpoint is intact")
         if self.ledger is not None:
             digest = release_digest(
-                _ledger_key(self.dp_seed), {k: v.numpy() for k, v in released.items()}, phase=phase.name,
+                ledger_key(self.dp_seed), {k: v.numpy() for k, v in released.items()}, phase=phase.name,
                 round=rnd, attempt=attempt, cohort=sorted(m.metadata.dst_node_id for m in messages),
                 succeeded=[r.metadata.src_node_id for r in ok])
             try:
-                record |= self.charge(ok, strategy.fraction_train, phase.name, digest)
+                record |= self.budget.charge(phase.name, strategy.fraction_train, digest, _client_steps(ok)
+                                             if self.privacy.mechanism == SAMPLE_LEVEL else None)
             except PrivacyBudgetExceeded as err:
                 log(WARNING, "fed-userllm: round %d is not released: %s", rnd, err)
                 return None
@@ -429,22 +418,6 @@ class RunState:
             replies += self.grid.send_and_receive(messages[i:i + step], timeout=remaining)
         return replies
 
-    def charge(self, ok: list[Message], sample_rate: float, phase: str, release: str) -> dict:
-        """Charge the round to the ledger, or, for a user-level round redone after a crash that was charged
-        but not checkpointed, reuse that charge if and only if the redone release is bit-identical (same
-        `release_digest`: same tensors, cohort, successful clients and attempt). Anything else is another
-        release and is charged again. DP-SGD rounds are always charged: their clients draw fresh noise."""
-        pending, self.pending_charge = self.pending_charge, None
-        if pending is not None and self.privacy.mechanism == USER_LEVEL:
-            if pending.get("release") == release:
-                log(INFO, "fed-userllm: round %d of the ledger was charged before the crash; the redone round "
-                    "is the same release (bit-identical) and is not charged again", pending["round"])
-                return {"epsilon": pending["epsilon"], "delta": self.privacy.delta}
-            log(WARNING, "fed-userllm: round %d of the ledger was charged before the crash, but the redone round "
-                "releases something else (other clients succeeded, another attempt or other tensors): it is "
-                "charged again", pending["round"])
-        return _charge(self.ledger, self.privacy, ok, sample_rate, phase, release)
-
     def checkpoint(self, ckpt: dict) -> None:
         """Atomically replace checkpoint.pt; it also carries the secret seed and the ledger's head hash."""
         self.run.save_checkpoint({**ckpt, "dp_seed": self.dp_seed, "completed": list(self.completed),
@@ -485,73 +458,6 @@ def describe_federation(grid: Grid, cfg: FederatedConfig) -> Federation:
     return Federation(nodes, num_clients, int(info["num-examples"]), vocab_sizes)
 
 
-def resolve_privacy(cfg: FederatedConfig, federation: Federation) -> Privacy:
-    """Delta, the noise multiplier, and the round budget under ``target-epsilon``.
-
-    Delta defaults to min(1e-5, 1/N**1.1) for N protected units: the clients under user-level DP, the
-    training windows of the whole federation under sample-level DP.
-
-    ``noise-multiplier=0`` with a target calibrates sigma. User-level: so that all planned rounds (num-rounds
-    per phase) fit the target; a given sigma whose planned rounds do not fit is refused before training.
-    Sample-level: for the worst-case client, one that takes part in every round with full-batch DP-SGD steps
-    (sample rate 1, ``local-steps`` or ``local-epochs`` steps per round). Either way the ledger refuses any
-    round that would exceed the target.
-    """
-    if cfg.dp == "none":
-        return Privacy(None, 0.0, None, None)
-    units = federation.num_clients if cfg.dp == "user" else federation.num_examples
-    delta = cfg.target_delta or default_delta(units)
-    plan = [(view.fraction_train, view.num_rounds) for view in map(cfg.for_phase, cfg.phase_names)]
-    rounds = sum(r for _, r in plan)  # each phase's rounds at its own q, composed in order
-    sigma = cfg.noise_multiplier
-    if cfg.dp == "user":
-        if not cfg.target_epsilon:
-            return Privacy(USER_LEVEL, sigma, delta, None)
-        if not sigma:
-            sigma = calibrate_noise_for_plan(cfg.target_epsilon, delta, plan, cfg.accountant)
-            log(INFO, "fed-userllm: noise multiplier calibrated to %.4f for epsilon=%s over %d rounds", sigma,
-                cfg.target_epsilon, rounds)
-        max_rounds = max_rounds_within_budget(sigma, cfg.fraction_train, delta, cfg.target_epsilon,
-                                              cfg.accountant)
-        spent = epsilon_from_history([(sigma, q, r) for q, r in plan], delta, cfg.accountant)
-        if spent > cfg.target_epsilon:
-            per_phase = ", ".join(f"{name}: {r} at q={q:g}" for name, (q, r) in zip(cfg.phase_names, plan,
-                                                                                       strict=True))
-            raise ValueError(
-                f"num-rounds={cfg.num_rounds} ({rounds} rounds over phases {cfg.phases!r}) exceeds the privacy "
-                f"budget: with noise-multiplier={sigma} and delta={delta:.3g} the planned rounds ({per_phase}) "
-                f"spend epsilon {spent:.4g} > target-epsilon={cfg.target_epsilon} (only {max_rounds} rounds fit "
-                f"at fraction-train={cfg.fraction_train}). Lower num-rounds or llm-rounds, raise "
-                "noise-multiplier, or set noise-multiplier=0 to calibrate it to the target")
-        return Privacy(USER_LEVEL, sigma, delta, max_rounds)
-    if cfg.target_epsilon and not sigma:
-        steps = (cfg.local_steps or cfg.local_epochs) * rounds
-        sigma = calibrate_noise(cfg.target_epsilon, delta, 1.0, steps, cfg.accountant)
-        log(INFO, "fed-userllm: DP-SGD noise multiplier calibrated to %.4f for epsilon=%s", sigma,
-            cfg.target_epsilon)
-    return Privacy(SAMPLE_LEVEL, sigma, delta, None)
-
-
-def open_ledger(run_dir: Path, cfg: FederatedConfig, federation: Federation, privacy: Privacy,
-                checkpoint_head: str | None = None) -> PrivacyLedger | None:
-    """The run's privacy ledger (created, or verified and continued on resume); None without DP.
-
-    On resume the ledger must still hold the line whose hash the checkpoint recorded: a truncated or
-    replaced ledger would silently forget spent budget.
-    """
-    if privacy.mechanism is None:
-        return None
-    ledger = PrivacyLedger(run_dir, LedgerConfig(
-        mechanism=privacy.mechanism, noise_multiplier=privacy.noise_multiplier, clip_norm=cfg.clip_norm,
-        num_clients=federation.num_clients, delta=privacy.delta,
-        sample_rate=cfg.for_phase(cfg.phase_names[0]).fraction_train if privacy.mechanism == USER_LEVEL else None,
-        accountant=cfg.accountant, target_epsilon=cfg.target_epsilon or None))
-    if checkpoint_head and checkpoint_head not in {e.get("hash") for e in read_ledger(ledger.path).entries}:
-        raise LedgerError(f"{ledger.path} no longer holds the line {checkpoint_head} that checkpoint.pt "
-                          "recorded: the ledger was truncated or replaced, and would understate epsilon")
-    return ledger
-
-
 def _settings(cfg: FederatedConfig) -> dict:
     """The settings a resumed run must keep (all but `RESUMABLE`)."""
     return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
@@ -570,43 +476,6 @@ def write_or_check_config(run: RunDir, cfg: FederatedConfig, federation: Federat
     run.write_config({"settings": _settings(cfg), "num_clients": federation.num_clients,
                       "vocab_sizes": federation.vocab_sizes, "privacy": resolved})
     run.mark_latest()
-
-
-def _charge(ledger: PrivacyLedger, privacy: Privacy, ok: list[Message], sample_rate: float, phase: str,
-            release: str) -> dict:
-    """Write the round's ledger line (before anything is released) and return its epsilon figures.
-
-    User-level rounds are charged at their phase's client sampling rate ``sample_rate``."""
-    steps, q = None, sample_rate
-    if privacy.mechanism == SAMPLE_LEVEL:
-        metrics = [r.content["metrics"] for r in ok]
-        steps = {str(int(m["partition-id"])): (float(m["dp-sample-rate"]), int(m["steps"])) for m in metrics}
-        q = None  # DP-SGD clients report their own rates
-    entry = ledger.record_round(steps, q, phase, release if privacy.mechanism == USER_LEVEL else None)
-    figures = {"epsilon": entry["epsilon"], "delta": privacy.delta}
-    if privacy.mechanism == SAMPLE_LEVEL:
-        figures |= {"client_epsilon_max": entry["client_epsilon"]["max"],
-                    "client_epsilon_mean": entry["client_epsilon"]["mean"]}
-    return figures
-
-
-def _charged_after(ledger: PrivacyLedger | None, head: str | None) -> dict | None:
-    """The ledger's round line written after the checkpoint's head line, if any (at most one: a round is
-    charged, then checkpointed)."""
-    if ledger is None or head is None:
-        return None
-    entries = read_ledger(ledger.path).entries
-    after = entries[[e.get("hash") for e in entries].index(head) + 1:]
-    if len(after) > 1:
-        raise LedgerError(f"{ledger.path} holds {len(after)} rounds after the checkpoint's last one; a run "
-                          "charges one round before each checkpoint, so the ledger or checkpoint was altered")
-    return after[0] if after else None
-
-
-def _ledger_key(dp_seed: int) -> bytes:
-    """The key of the run's release digests: a one-way hash of the secret seed, so the public ledger's digests
-    can be neither recomputed nor inverted without it."""
-    return hashlib.sha256(f"fed-userllm ledger {dp_seed}".encode()).digest()
 
 
 def _phase_seed(dp_seed: int, phase: str) -> int:
@@ -652,6 +521,12 @@ def progress_line(phase: str, rnd: int, total: int, record: dict, seconds_per_ro
         parts.append("skipped (short round)")
     eta = datetime.timedelta(seconds=round(seconds_per_round * (total - rnd)))
     return "  ".join([*parts, f"{record['round_seconds']:.1f} s", f"ETA {eta}"])
+
+
+def _client_steps(ok: list[Message]) -> dict[str, tuple[float, int]]:
+    """What a DP-SGD round's ledger line records of each client: {partition id: (its sample rate, steps)}."""
+    metrics = [r.content["metrics"] for r in ok]
+    return {str(int(m["partition-id"])): (float(m["dp-sample-rate"]), int(m["steps"])) for m in metrics}
 
 
 def _train_metrics(ok: list[Message]) -> dict:

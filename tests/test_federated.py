@@ -32,6 +32,7 @@ from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS
 from fed_userllm.privacy import LedgerError, PrivacyBudgetExceeded, audit, default_delta, epsilon_from_history
+from fed_userllm.privacy.budget import resolve_privacy
 from fed_userllm.rundir import RunDir
 from fed_userllm.server import runner
 from fed_userllm.server import strategy as strategy_module
@@ -268,10 +269,9 @@ def test_a_sample_level_client_refuses_a_round_past_its_budget_before_training(t
 
 
 def test_sample_level_delta_comes_from_the_training_windows_and_user_level_delta_from_the_clients(tmp_path):
-    federation = runner.Federation(nodes=[], num_clients=1_000, num_examples=1_000_000, vocab_sizes={})
     for dp, units in (("sample", 1_000_000), ("user", 1_000)):
         cfg = FederatedConfig.from_run_config(run_config(tmp_path, dp=dp))
-        assert runner.resolve_privacy(cfg, federation).delta == default_delta(units)
+        assert resolve_privacy(cfg, num_clients=1_000, num_examples=1_000_000).delta == default_delta(units)
     assert default_delta(1_000_000) == pytest.approx(1e-6 ** 1.1) and default_delta(1_000) == 1e-5
 
 

@@ -1,5 +1,5 @@
-"""Differential privacy for fed-userllm: Poisson sampling, DP-FedAvg, Opacus accounting, ledger, audit, and the
-empirical audit with canaries.
+"""Differential privacy for fed-userllm: Poisson sampling, DP-FedAvg, Opacus accounting, ledger, audit, the
+empirical audit with canaries, and a federated run's budget policy (`fed_userllm.privacy.budget`).
 
 Model-agnostic and Flower-agnostic: everything works on lists of numpy arrays / torch tensors.
 """
