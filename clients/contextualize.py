@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.clients.task import initial_encoder, load_data
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
@@ -37,6 +36,7 @@ from fed_userllm.train.contextualize import (
     trainable_state,
 )
 from fed_userllm.train.contextualize_config import ContextualizeConfig
+from fed_userllm.train.federated_config import FederatedConfig
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fed_userllm import streams
-from fed_userllm.clients.config import FederatedConfig
+from fed_userllm.train.federated_config import FederatedConfig
 
 
 class InjectedFault(RuntimeError):

@@ -19,10 +19,10 @@ from flwr.app import Array, ArrayRecord
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.data import NUM_RESERVED, Partitioner, UserSequences, load_sequences
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.models import build_encoder
+from fed_userllm.train.federated_config import FederatedConfig
 
 
 def initial_encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> torch.nn.Module:

@@ -22,11 +22,11 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fed_userllm.clients.app import app as client_app
-from fed_userllm.clients.config import FederatedConfig
+from fed_userllm.clients.client_app import app as client_app
 from fed_userllm.clients.task import load_data
 from fed_userllm.data import Partitioner
 from fed_userllm.server.runner import run
+from fed_userllm.train.federated_config import FederatedConfig
 
 APP = Path(__file__).resolve().parents[1] / "simulations" / "movielens"
 FIRST_NODE = 1 << 63  # Flower node ids are random unsigned 64-bit integers; these are too, and ordered

@@ -21,9 +21,31 @@ from safetensors.torch import load_file
 from fed_userllm.privacy import USER_LEVEL, audit
 from fed_userllm.rundir import AUDIT_JSON, AUDIT_TEXT, CONFIG, LEDGER, OPERATOR_PRIVATE, RELEASE_README, RunDir
 from fed_userllm.runtime import atomic_write_bytes
-from fed_userllm.server.runner import PHASES
+from fed_userllm.server.phases import PHASES
 
 SECRET_SETTINGS = ("dp_seed",)
+OPERATOR_PRIVATE_TEXT = """\
+# Operator-private: do not publish this folder
+
+This run's (epsilon, delta) (privacy_ledger.jsonl, `fed-userllm audit RUN_DIR`) covers the models it released
+and nothing else. `fed-userllm release RUN_DIR --out DIR` writes the public part once the run has finished and
+its audit passes: the final model folders (final/, userllm/), the public config (config.json without dp-seed),
+the privacy ledger and the audit. Everything else here is operator-private:
+
+- metrics.jsonl: exact per-round client training losses, example and step counts, cohort sizes (sampled,
+  succeeded, failed), update norms and clipped share, canaries inserted, validation metrics, timings;
+- results.json: exact federated evaluation, the clients' hits on their held-out targets summed (Recall@k says
+  whether, NDCG@10 where, each held-out item ranked);
+- metrics.png, epsilon.png: plots of metrics.jsonl;
+- checkpoint.pt: while the run is unfinished, the secret DP seed: whoever holds it can subtract the noise;
+- config.json: the settings, with dp-seed (the release drops it; a fixed dp-seed voids the guarantee);
+- canaries/: the empirical audit's canary seed and each phase's initial and final tensors (read by
+  `fed-userllm audit RUN_DIR --empirical`; they may be deleted after it).
+
+Trust model: under dp='user' the server is trusted: it clips, so it sees each sampled client's update, and the
+guarantee covers what leaves the server. Under dp='sample' it is not: clients send only their DP-SGD models and
+what the accounting needs, and no federated evaluation runs.
+"""
 
 
 class ReleaseRefused(ValueError):

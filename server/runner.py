@@ -1,9 +1,8 @@
 """The ServerApp's phase runner: a resumable round loop with checkpoints, metrics, a privacy ledger and plots.
 
-A `Phase` names the client handlers it drives (``train.<name>`` and ``evaluate.<name>``) and the model it
-trains; `PHASES` maps names to phases and the run config's ``phases`` lists those to run, in order. All
-phases of a run share the run directory, the clients, the strategy settings and ONE privacy ledger, so
-epsilon keeps adding up across phases.
+The run config's ``phases`` lists the phases to run, in order (`fed_userllm.server.phases`). All phases of a
+run share the run directory, the clients, the strategy settings and ONE privacy ledger (its budget policy is
+`fed_userllm.privacy.budget`), so epsilon keeps adding up across phases.
 
 One round, in write-ahead order (nothing is released before it is charged):
   Poisson cohort -> clients train -> replies checked (`fed_userllm.server.replies`: a malformed or
@@ -20,10 +19,10 @@ under-counted.
 The server never loads user histories: it learns the partition count, the number of training windows and
 the vocabulary sizes from one client (``query.describe``), and otherwise sees only model tensors and counts.
 
-Run directory: config.json, metrics.jsonl, checkpoint.pt (latest round, atomic), privacy_ledger.jsonl and
-privacy_report.txt (DP runs), final/ and userllm/ (save_pretrained), results.json (final test metrics),
-*.png, canaries/ (user DP with canaries), and OPERATOR-PRIVATE.md, which says which of these files the DP
-guarantee does not cover. `fed-userllm release` (`fed_userllm.server.release`) copies out what it covers.
+Run directory (`fed_userllm.rundir`): config.json, metrics.jsonl, checkpoint.pt (latest round),
+privacy_ledger.jsonl and privacy_report.txt (DP runs), each phase's model folder, results.json (final test
+metrics), *.png, canaries/ (user DP with canaries), and OPERATOR-PRIVATE.md, which says which of these files
+the DP guarantee does not cover. `fed-userllm release` (`fed_userllm.server.release`) copies out what it covers.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import datetime
 import math
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -44,11 +42,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fed_userllm import streams
-from fed_userllm.clients.config import PHASE_NAMES, FederatedConfig
-from fed_userllm.clients.contextualize import initial_userllm
-from fed_userllm.clients.task import get_arrays, initial_encoder, set_arrays
+from fed_userllm.clients.task import get_arrays, set_arrays
 from fed_userllm.eval.ranking import add_sums, finalize
-from fed_userllm.models import Popularity, PopularityConfig
 from fed_userllm.privacy import (
     SAMPLE_LEVEL,
     USER_LEVEL,
@@ -60,12 +55,14 @@ from fed_userllm.privacy import (
     release_digest,
 )
 from fed_userllm.privacy.budget import Budget, Privacy, charged_after, ledger_key, open_ledger, resolve_privacy
-from fed_userllm.rundir import FINAL, OPERATOR_PRIVATE, POPULARITY, USERLLM, RunDir
+from fed_userllm.rundir import OPERATOR_PRIVATE, RunDir
 from fed_userllm.runtime import (
     atomic_write_bytes,
     set_threads,
 )
+from fed_userllm.server.phases import PHASES, Phase
 from fed_userllm.server.plots import plot_run
+from fed_userllm.server.release import OPERATOR_PRIVATE_TEXT
 from fed_userllm.server.replies import required_metrics, train_reply_problem
 from fed_userllm.server.strategy import (
     build_strategy,
@@ -75,97 +72,12 @@ from fed_userllm.server.strategy import (
     set_server_lr,
     strategy_state,
 )
+from fed_userllm.train.federated_config import PHASE_NAMES, FederatedConfig
 
 # Settings that may differ when resuming (they do not change what is computed).
 RESUMABLE = ("resume", "run_dir", "round_timeout", "max_in_flight", "threads", "device")
 RETRIES = 2  # on-short-round="retry": fresh cohorts tried before the run stops
 METRIC_ORDER = ("recall@1", "recall@5", "recall@10", "ndcg@10", "fav_genre", "n")
-OPERATOR_PRIVATE_TEXT = """\
-# Operator-private: do not publish this folder
-
-This run's (epsilon, delta) (privacy_ledger.jsonl, `fed-userllm audit RUN_DIR`) covers the models it released
-and nothing else. `fed-userllm release RUN_DIR --out DIR` writes the public part once the run has finished and
-its audit passes: the final model folders (final/, userllm/), the public config (config.json without dp-seed),
-the privacy ledger and the audit. Everything else here is operator-private:
-
-- metrics.jsonl: exact per-round client training losses, example and step counts, cohort sizes (sampled,
-  succeeded, failed), update norms and clipped share, canaries inserted, validation metrics, timings;
-- results.json: exact federated evaluation, the clients' hits on their held-out targets summed (Recall@k says
-  whether, NDCG@10 where, each held-out item ranked);
-- metrics.png, epsilon.png: plots of metrics.jsonl;
-- checkpoint.pt: while the run is unfinished, the secret DP seed: whoever holds it can subtract the noise;
-- config.json: the settings, with dp-seed (the release drops it; a fixed dp-seed voids the guarantee);
-- canaries/: the empirical audit's canary seed and each phase's initial and final tensors (read by
-  `fed-userllm audit RUN_DIR --empirical`; they may be deleted after it).
-
-Trust model: under dp='user' the server is trusted: it clips, so it sees each sampled client's update, and the
-guarantee covers what leaves the server. Under dp='sample' it is not: clients send only their DP-SGD models and
-what the accounting needs, and no federated evaluation runs.
-"""
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A federated phase: its client handlers (by message type) and the model it trains.
-
-    ``initial_model(settings, vocabulary sizes, run directory)`` gives the phase's starting model; only its
-    trainable parameters are exchanged. The phase runs with ``cfg.for_phase(name)``: its own rounds, q,
-    learning rates and evaluation share.
-    """
-
-    name: str
-    initial_model: Callable[[FederatedConfig, dict[str, int], Path], torch.nn.Module]
-    output: str  # folder in the run directory for the phase's final model
-
-    @property
-    def train_type(self) -> str:
-        return f"train.{self.name}"
-
-    @property
-    def evaluate_type(self) -> str:
-        return f"evaluate.{self.name}"
-
-
-def _popularity(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
-    """Item counts starting at zero (popularity); the clients' unit-norm vectors are what is released."""
-    model = Popularity(PopularityConfig(vocab_sizes))
-    model.counts.requires_grad_(True)  # exchanged like a trained parameter; never trained by gradient
-    return model
-
-
-def _encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
-    """A fresh user encoder (pretrain); after a popularity phase its item bias is the released prior."""
-    model = initial_encoder(cfg, vocab_sizes)
-    if "popularity" in cfg.phase_names:
-        with torch.no_grad():
-            prior = item_prior(run_dir, cfg)
-            model.unembed["item"].bias.copy_(prior - prior.mean())
-    return model
-
-
-def item_prior(run_dir: Path, cfg: FederatedConfig) -> torch.Tensor:
-    """log of the released popularity, floored at half the release's noise std (items whose count is lost in
-    the noise tie at the floor instead of being ranked by it)."""
-    release = Popularity.from_pretrained(run_dir / PHASES["popularity"].output)
-    saved = RunDir(run_dir).read_config()
-    sigma, n = saved["privacy"]["noise_multiplier"], saved["num_clients"]
-    noise_std = sigma * cfg.clip_norm / (cfg.popularity_fraction_train * n * math.sqrt(cfg.popularity_rounds))
-    floor = 0.5 * noise_std if noise_std > 0 else 1e-3 * cfg.clip_norm / n
-    return release.log_prior(floor)
-
-
-def _userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
-    """The UserLLM to contextualize (frozen LLM loaded on the server too: it saves the result), starting from
-    this run's pretrained encoder, or from ``encoder`` when the run has no pretrain phase."""
-    source = run_dir / PHASES["pretrain"].output if "pretrain" in cfg.phase_names else cfg.encoder
-    return initial_userllm(cfg, vocab_sizes, source)
-
-
-PHASES = {"popularity": Phase("popularity", _popularity, POPULARITY),
-          "pretrain": Phase("pretrain", _encoder, FINAL),
-          "contextualize": Phase("contextualize", _userllm, USERLLM)}
-
-
 @dataclass(frozen=True)
 class Federation:
     """What the server knows about the federation: node ids and the public metadata from ``describe``."""

@@ -36,8 +36,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fed_userllm import streams
-from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.privacy import Canaries, aggregate_dp_fedavg, model_update, poisson_sample
+from fed_userllm.train.federated_config import FederatedConfig
 
 
 class PoissonFedAvg(FedAvg):

@@ -14,12 +14,12 @@ from scipy.stats import norm
 
 from fed_userllm import streams
 from fed_userllm.cli import main
-from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.privacy import Canaries, canary_seed, empirical_audit, estimate_epsilon, gaussian_epsilon
 from fed_userllm.privacy.sampling import poisson_sample
 from fed_userllm.server import strategy as strategy_module
 from fed_userllm.server.local_grid import LocalGrid, app_defaults
 from fed_userllm.server.runner import run
+from fed_userllm.train.federated_config import FederatedConfig
 
 DELTA = 1e-5
 TINY = {**TINY_FEDERATION, "eval-every": 0, "test-fraction": 0.25, "phases": "pretrain", "dp": "user", "dp-seed": 3,

@@ -23,9 +23,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from fed_userllm.clients import app as client_app_module
-from fed_userllm.clients.app import app as client_app
-from fed_userllm.clients.config import PHASE_NAMES, FederatedConfig
+from fed_userllm.clients import client_app as client_app_module
+from fed_userllm.clients.client_app import app as client_app
 from fed_userllm.clients.task import get_arrays, initial_encoder, load_data, train_local
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
@@ -37,8 +36,10 @@ from fed_userllm.rundir import RunDir
 from fed_userllm.server import runner
 from fed_userllm.server import strategy as strategy_module
 from fed_userllm.server.local_grid import FIRST_NODE, LocalGrid, app_defaults
-from fed_userllm.server.runner import PHASES, run
+from fed_userllm.server.phases import PHASES
+from fed_userllm.server.runner import run
 from fed_userllm.server.strategy import build_strategy, load_strategy_state, strategy_state
+from fed_userllm.train.federated_config import PHASE_NAMES, FederatedConfig
 
 DEFAULTS = app_defaults()
 TINY = {**TINY_FEDERATION, **PINNED, "num-rounds": 2, "eval-every": 1, "eval-fraction": 0.5, "dp-seed": 7,

@@ -20,8 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fed_userllm.cli import main
-from fed_userllm.clients.app import app as client_app
-from fed_userllm.clients.config import FederatedConfig
+from fed_userllm.clients.client_app import app as client_app
 from fed_userllm.clients.contextualize import catalog_scorer, client_task, initial_userllm, shared_userllm
 from fed_userllm.clients.task import client_users, get_arrays, load_data
 from fed_userllm.models import load_pretrained
@@ -32,6 +31,7 @@ from fed_userllm.rundir import RunDir
 from fed_userllm.server.local_grid import FIRST_NODE, LocalGrid, app_defaults, run_local
 from fed_userllm.server.runner import run
 from fed_userllm.train.contextualize import Examples, evaluate_llm, load_model, task_loss
+from fed_userllm.train.federated_config import FederatedConfig
 
 TINY = {**TINY_FEDERATION, **PINNED, "num-rounds": 2, "dp-seed": 7, "eval-every": 1, "eval-fraction": 0.5,
         "llm-rounds": 2, "llm-fraction-train": 0.25, "llm-local-steps": 3, "llm-batch-size": 4, "llm-lr": 0.01,

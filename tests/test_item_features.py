@@ -9,7 +9,6 @@ import torch
 from federation_fixtures import TINY_FEDERATION
 from llm_fixtures import save_tiny_llm
 
-from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.clients.task import get_arrays, initial_encoder, load_data
 from fed_userllm.data import NUM_RESERVED, Catalog, load_catalog, synthetic_movielens
 from fed_userllm.data import item_features as features_module
@@ -22,6 +21,7 @@ from fed_userllm.data.item_features import (
 from fed_userllm.data.sequences import public_vocabularies
 from fed_userllm.models import ARUserEncoder, build_encoder
 from fed_userllm.server.local_grid import app_defaults, run_local
+from fed_userllm.train.federated_config import FederatedConfig
 from fed_userllm.train.pretrain_config import PretrainConfig
 
 CATALOG = Catalog({1: "Heat (1995)", 2: "Amélie (2001)", 3: "Nameless", 5: "Seven (a.k.a. Se7en) (1995)",

@@ -8,12 +8,12 @@ import pytest
 import torch
 from federation_fixtures import TINY_FEDERATION, USERS
 
-from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.clients.task import client_users, load_data, popularity_update
 from fed_userllm.data import NUM_RESERVED
 from fed_userllm.models import ARUserEncoder, Popularity
 from fed_userllm.privacy import audit
 from fed_userllm.server.local_grid import app_defaults, run_local
+from fed_userllm.train.federated_config import FederatedConfig
 
 TINY = {**TINY_FEDERATION, "num-rounds": 1, "lr": 0.5, "eval-every": 0, "dp-seed": 7, "phases": "popularity,pretrain",
         "popularity-rounds": 3, "item-features": "public", "item-features-llm": "",

@@ -12,12 +12,12 @@ from federation_fixtures import TINY_FEDERATION, USERS
 from safetensors.torch import load_file, save_file
 
 from fed_userllm.cli import main
-from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.rundir import LEDGER, OPERATOR_PRIVATE, RunDir
 from fed_userllm.server import release as release_module
 from fed_userllm.server import runner
 from fed_userllm.server.local_grid import LocalGrid, app_defaults
 from fed_userllm.server.runner import run
+from fed_userllm.train.federated_config import FederatedConfig
 
 SEED = 7_123_456_789_012_345_678  # the "secret" DP seed the OS would have drawn
 TINY = {**TINY_FEDERATION, "num-rounds": 2, "eval-every": 1, "phases": "pretrain", "dp": "user", "dp-seed": 0,

@@ -27,7 +27,7 @@ from fed_userllm.privacy.ledger import (
 )
 
 if TYPE_CHECKING:
-    from fed_userllm.clients.config import FederatedConfig
+    from fed_userllm.train.federated_config import FederatedConfig
 
 log = logging.getLogger(__name__)
 

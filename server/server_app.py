@@ -8,8 +8,8 @@ from flwr.app import Context
 from flwr.common.logger import FLOWER_LOGGER, set_logger_propagation
 from flwr.serverapp import Grid, ServerApp
 
-from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.server.runner import run
+from fed_userllm.train.federated_config import FederatedConfig
 
 # Flower's console handler prints each record; propagated to the root logger, which Opacus configures with
 # logging.basicConfig when it is imported, every line of the run's log would be printed a second time.

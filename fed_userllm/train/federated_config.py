@@ -17,8 +17,7 @@ from pathlib import Path
 from fed_userllm.data import DEFAULT_DATASET
 from fed_userllm.data.download import VARIANTS
 from fed_userllm.data.reviews import detect_reviews
-from fed_userllm.models import ENCODERS
-from fed_userllm.models.layers import ITEM_FEATURES
+from fed_userllm.settings import ENCODER_NAMES, ITEM_FEATURES
 
 PHASE_NAMES = ("pretrain", "contextualize", "popularity")  # the index seeds each phase's noise: append only
 LLM_TASKS = ("nextitem", "favgenre", "reviewg")  # reviewg: an Amazon / Google Local review folder as dataset
@@ -144,7 +143,7 @@ class FederatedConfig:
                          or self.dataset.startswith("synthetic") or Path(self.dataset).expanduser().is_dir())
         check(known_dataset, "dataset",
               f"{DEFAULT_DATASET}, one of {sorted(VARIANTS)}, 'synthetic[:users=N,...]' or a folder")
-        check(self.model in ENCODERS, "model", f"one of {sorted(ENCODERS)}")
+        check(self.model in ENCODER_NAMES, "model", f"one of {sorted(ENCODER_NAMES)}")
         check(self.item_features in ITEM_FEATURES, "item-features", f"one of {ITEM_FEATURES}")
         check(self.item_features == "learned" or self.model == "ar", "item-features",
               "'learned' unless model='ar' (public item features are implemented for the AR encoder)")

@@ -33,7 +33,6 @@ from flwr.clientapp import ClientApp
 
 from fed_userllm import streams
 from fed_userllm.clients import contextualize
-from fed_userllm.clients.config import FederatedConfig
 from fed_userllm.clients.faults import inject_faults
 from fed_userllm.clients.task import (
     client_users,
@@ -50,6 +49,7 @@ from fed_userllm.data import Partitioner, UserSequences
 from fed_userllm.models import Popularity, PopularityConfig
 from fed_userllm.privacy import PrivacyBudgetExceeded, epsilon_from_history
 from fed_userllm.runtime import resolve_device, set_threads
+from fed_userllm.train.federated_config import FederatedConfig
 
 # Opacus reminds on every client that its RNG is not cryptographic and that hooks fire; both are known.
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
