@@ -48,13 +48,12 @@ from fed_userllm.train.contextualize import (  # noqa: E402
     eval_user_subset,
     evaluate_model,
     load_task,
-    load_trainable_state,
     prepare,
-    task_loss,
     trainable_parameters,
 )
 from fed_userllm.train.contextualize_config import ContextualizeConfig  # noqa: E402
 from fed_userllm.train.pretrain_config import PretrainConfig  # noqa: E402
+from fed_userllm.train.steps import load_trainable_state, task_loss  # noqa: E402
 
 VARIANTS = {  # name -> ContextualizeConfig fields (User-LLM variants use the Enc strategy: LLM frozen)
     "userllm-xattn-perceiver": dict(integration="xattn", perceiver=True),

@@ -28,15 +28,10 @@ from fed_userllm.rundir import find_encoder
 from fed_userllm.runtime import resolve_device
 from fed_userllm.tasks import NextItem, Task, evaluate
 from fed_userllm.tasks.catalog import CatalogScorer
-from fed_userllm.train.contextualize import (
-    Examples,
-    dataset_task,
-    load_trainable_state,
-    local_train_steps,
-    trainable_state,
-)
+from fed_userllm.train.contextualize import dataset_task
 from fed_userllm.train.contextualize_config import ContextualizeConfig
 from fed_userllm.train.federated_config import FederatedConfig
+from fed_userllm.train.steps import Examples, load_trainable_state, local_train_steps, trainable_state
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,14 @@ from fed_userllm.models.userllm import UserLLM
 from fed_userllm.rundir import RunDir
 from fed_userllm.train.centralized import pretrain
 from fed_userllm.train.contextualize import (
-    Examples,
     contextualize,
     evaluate_llm,
-    load_trainable_state,
-    local_train_steps,
     make_optimizer,
     prepare,
-    trainable_state,
 )
 from fed_userllm.train.contextualize_config import ContextualizeConfig
 from fed_userllm.train.pretrain_config import PretrainConfig
+from fed_userllm.train.steps import Examples, load_trainable_state, local_train_steps, trainable_state
 
 DATA = "synthetic:users=40,items=30,seed=1"
 

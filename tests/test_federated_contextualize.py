@@ -30,8 +30,9 @@ from fed_userllm.privacy import audit, empirical_audit, epsilon_from_history
 from fed_userllm.rundir import RunDir
 from fed_userllm.server.local_grid import FIRST_NODE, LocalGrid, app_defaults, run_local
 from fed_userllm.server.runner import run
-from fed_userllm.train.contextualize import Examples, evaluate_llm, load_model, task_loss
+from fed_userllm.train.contextualize import evaluate_llm, load_model
 from fed_userllm.train.federated_config import FederatedConfig
+from fed_userllm.train.steps import Examples, task_loss
 
 TINY = {**TINY_FEDERATION, **PINNED, "num-rounds": 2, "dp-seed": 7, "eval-every": 1, "eval-fraction": 0.5,
         "llm-rounds": 2, "llm-fraction-train": 0.25, "llm-local-steps": 3, "llm-batch-size": 4, "llm-lr": 0.01,

@@ -18,8 +18,9 @@ from fed_userllm.models.userllm import UserLLM, UserLLMConfig
 from fed_userllm.tasks import FavGenre, NextItem, ReviewG, evaluate, list_ranks, rank
 from fed_userllm.tasks.catalog import CatalogScorer, branching_nodes
 from fed_userllm.tasks.tasks import IGNORE
-from fed_userllm.train.contextualize import Examples, local_train_steps, make_optimizer, task_loss
+from fed_userllm.train.contextualize import make_optimizer
 from fed_userllm.train.contextualize_config import ContextualizeConfig
+from fed_userllm.train.steps import Examples, local_train_steps, task_loss
 
 DATA = "synthetic:users=40,items=30,seed=1"
 H = 8  # history length (the tiny encoder takes up to 11 events)
