@@ -35,6 +35,7 @@ from fed_userllm.export.artifact import FORMAT, MANIFEST_NAME, PTE_NAME, Artifac
 from fed_userllm.export.device import PteEncoder
 from fed_userllm.export.graph import ExportableEncoder
 from fed_userllm.models import ARUserEncoder, load_pretrained
+from fed_userllm.models.layers import CONFIG_FILE
 from fed_userllm.rundir import find_encoder
 from fed_userllm.runtime import atomic_write_bytes, atomic_write_json
 
@@ -217,7 +218,7 @@ def export_encoder(run_dir: str | Path, out_dir: str | Path, quantize: str | Non
         "source": {"run_dir": str(Path(run_dir).resolve()), "model_dir": str(folder.resolve()),
                    "model_sha256": sha256_hex((folder / "model.safetensors").read_bytes()),
                    "dataset": dataset, "model_type": model.model_type,
-                   "config": json.loads((folder / "config.json").read_text())},
+                   "config": json.loads((folder / CONFIG_FILE).read_text())},
         "export_seconds": round(time.time() - start, 2),
     })
     out_dir = Path(out_dir)

@@ -52,42 +52,18 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
+        self.config = self.path / CONFIG
+        self.metrics = self.path / METRICS
+        self.checkpoint = self.path / CHECKPOINT
+        self.results = self.path / RESULTS
+        self.ledger = self.path / LEDGER
+        self.privacy_report = self.path / PRIVACY_REPORT
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
-
-    # ------------------------------------------------------------------------------------------ files
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / CHECKPOINT
-
-    @property
-    def results(self) -> Path:
-        return self.path / RESULTS
-
-    @property
-    def ledger(self) -> Path:
-        return self.path / LEDGER
-
-    @property
-    def privacy_report(self) -> Path:
-        return self.path / PRIVACY_REPORT
-
-    @property
-    def canaries(self) -> Path:
-        return self.path / CANARIES
 
     def exists(self) -> bool:
         """Whether a run was started here (its config.json is written first)."""
