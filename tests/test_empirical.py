@@ -23,7 +23,10 @@ DELTA = 1e-5
 USERS = 12
 TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-len": 8, "d-model": 16,
         "n-layers": 1, "n-heads": 2, "item-dim": 8, "batch-size": 4, "eval-every": 0, "test-fraction": 0.25,
-        "phases": "pretrain", "dp": "user", "dp-seed": 3, "canaries": 100, "fraction-train": 0.5, "num-rounds": 5}
+        "phases": "pretrain", "dp": "user", "dp-seed": 3, "canaries": 100, "fraction-train": 0.5, "num-rounds": 5,
+        # the recipe these figures were derived for (the app's defaults are tuned for ml-latest-small)
+        "item-features": "learned", "local-steps": 0, "lr": 0.5, "server-lr": 0.1, "server-tau": 0.001,
+        "noise-multiplier": 1.0, "target-epsilon": 0.0}
 
 
 def analytic_gaussian_epsilon(mu: float, delta: float) -> float:
