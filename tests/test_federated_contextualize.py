@@ -40,7 +40,7 @@ TINY = {"dataset": f"synthetic:users={USERS},items=40,genres=4,events=12", "max-
         "llm-batch-size": 4, "llm-lr": 0.01, "llm-eval-fraction": 0.25, "phases": "pretrain,contextualize"}
 # The values these tests were written for (the app's defaults are a DP recipe sized for 610 users).
 TINY |= {"item-features": "learned", "local-steps": 0, "server-lr": 0.1, "server-tau": 0.001, "noise-multiplier": 1.0,
-         "target-epsilon": 0.0, "fraction-train": 0.5}
+         "target-epsilon": 0.0, "fraction-train": 0.5, "llm-objective": "lm", "llm-user-tokens": "events"}
 
 
 @pytest.fixture(scope="module")
