@@ -411,11 +411,12 @@ def _exchange_sizes(phase: Phase, cfg: FederatedConfig, model: torch.nn.Module, 
         " + cross-attention" if cfg.llm_integration == "xattn" else " + task prompt", cfg.llm, frozen / 1e6,
         100 * exchanged / frozen)
     log(INFO, "fed-userllm: [%s] %d rounds at q=%g (~%.3g clients each), %d local steps of %d examples; "
-        "validation and final test on a fixed sample of %d of the %d clients (llm-eval-fraction=%g: constrained "
-        "beam search over every title is slow on CPU)", phase.name, cfg.num_rounds, cfg.fraction_train,
+        "validation and final test on a fixed sample of %d of the %d clients (llm-eval-fraction=%g; %s)",
+        phase.name, cfg.num_rounds, cfg.fraction_train,
         cfg.fraction_train * num_clients, cfg.local_steps, cfg.batch_size,
         len(_sample_nodes(list(range(num_clients)), cfg.test_fraction, cfg.seed, streams.TEST_CLIENTS)), num_clients,
-        cfg.test_fraction)
+        cfg.test_fraction, "exact ranking of every title" if cfg.llm_objective == "catalog"
+        else "constrained beam search over every title, slow on CPU")
     return {"update_bytes": exchanged, "llm_bytes": frozen}
 
 

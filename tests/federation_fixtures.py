@@ -7,4 +7,5 @@ MAX_LEN = 8
 TINY_FEDERATION = {"dataset": DATASET, "max-len": MAX_LEN, "d-model": 16, "n-layers": 1, "n-heads": 2,
                    "item-dim": 8, "batch-size": 4}
 PINNED = {"item-features": "learned", "local-steps": 0, "server-lr": 0.1, "server-tau": 0.001,
-          "noise-multiplier": 1.0, "target-epsilon": 0.0, "fraction-train": 0.5, "lr": 0.5}
+          "noise-multiplier": 1.0, "target-epsilon": 0.0, "fraction-train": 0.5, "lr": 0.5,
+          "llm-objective": "lm", "llm-user-tokens": "events"}

@@ -28,7 +28,7 @@ TINY = (f"dataset='synthetic:users={USERS},items=40,genres=4,events=12' max-len=
         "phases='pretrain,contextualize' llm-rounds=1 llm-fraction-train=0.5 llm-local-steps=2 llm-batch-size=2 "
         "llm-eval-fraction=0.25"
         " item-features='learned' local-steps=0 server-lr=0.1 server-tau=0.001 noise-multiplier=1.0 target-epsilon=0.0"
-        " lr=0.5")
+        " lr=0.5 llm-objective='lm' llm-user-tokens='events'")
 
 
 def free_port() -> int:
