@@ -11,8 +11,8 @@ with public item features. Synthetic: the same comparison (by default at epsilon
 and peak memory at 10,000 and 100,000 clients.
 
 Every federated run is the app's ServerApp and ClientApp (`server.runner.run`, `clients.client_app`) over
-`LocalGrid`, which delivers messages by function call; each run is a fresh process (its peak memory is its own). The recipe
-was chosen on validation targets of ml-latest-small (never on test targets); test is reported once per run.
+`LocalGrid`, which delivers messages by function call; each run is a fresh process (its peak memory is its own).
+The recipe was chosen on validation targets of ml-latest-small (never on test targets); test is reported once per run.
 Finished runs are reused when the script is run again with the same --out. Prints one JSON object; writes
 federated.json and federated.png into --out.
 """
