@@ -62,7 +62,7 @@ def demo_model(out: Path, llm: str | None) -> tuple[ServedModel, list[torch.Tens
     encoder = ARUserEncoder(ARUserEncoderConfig(vocab_sizes=seq.vocab_sizes, max_len=HISTORY + 1)).eval()
     encoder.save_pretrained(out / "demo-encoder")
     base, tokenizer = load_llm(llm, device="cpu")
-    model = UserLLM(UserLLMConfig(llm=llm), PrecomputedStates(encoder.config.d_model), base)
+    model = UserLLM(UserLLMConfig(llm=llm), PrecomputedStates(encoder.state_dim), base)
     served = ServedModel(model, tokenizer, encoder_weights_hash(out / "demo-encoder"), encoder.config.max_len,
                          catalogs(seq), source=f"demo: {llm or 'smollm2'} + untrained AR encoder / xattn")
     users = np.arange(min(64, seq.num_users))

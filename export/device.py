@@ -20,7 +20,7 @@ import torch
 from executorch.runtime import Runtime
 
 from fed_userllm.export.artifact import PTE_NAME, Artifact, ArtifactError, load_artifact
-from fed_userllm.runtime import atomic_write_bytes, atomic_write_json
+from fed_userllm.runtime import atomic_write_bytes, atomic_write_json, quiet_native_stderr
 
 COLUMNS = ("movieId", "rating", "timestamp")
 OUT_SUFFIXES = (".json", ".npy")
@@ -115,8 +115,9 @@ class PteEncoder:
         self.min_len, self.max_len = sequence["min_len"], sequence["max_len"]
         self.pad_id, self.num_features = sequence["pad_id"], len(artifact.manifest["features"])
         try:
-            self.program = Runtime.get().load_program(artifact.program)
-            self.method = self.program.load_method("forward")
+            with quiet_native_stderr():
+                self.program = Runtime.get().load_program(artifact.program)
+                self.method = self.program.load_method("forward")
         except (RuntimeError, ValueError) as err:
             raise ArtifactError(f"{artifact.directory / PTE_NAME}: the ExecuTorch runtime cannot load it "
                                 f"({err})") from err
@@ -128,7 +129,8 @@ class PteEncoder:
                              f"{self.max_len}")
         padded = np.full((max(n, self.min_len), self.num_features), self.pad_id, dtype=np.int64)
         padded[:n] = ids  # right padding: the causal encoder's real events never see it
-        out = self.method.execute([torch.from_numpy(padded[None])])[0]
+        with quiet_native_stderr():
+            out = self.method.execute([torch.from_numpy(padded[None])])[0]
         return out[0, :n].numpy()
 
 

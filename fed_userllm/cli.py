@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import fed_userllm
 from fed_userllm.extras import MissingExtra, require
+from fed_userllm.runtime import QUIET_NATIVE_ENV
 from fed_userllm.serving.config import ServingConfig
 from fed_userllm.settings import choices_of, help_of
 from fed_userllm.train.contextualize_config import ContextualizeConfig
@@ -30,7 +31,8 @@ THREADS_HELP = "torch intra-op threads"
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 RUN_HELP = ("a run directory (pretrain, contextualize or Flower; e.g. runs/latest) or one of its model folders")
 QUIET_ENV = {"TORCH_LOGS": "-torch", "TRANSFORMERS_VERBOSITY": "error",  # their loggers: errors only
-             "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # e.g. transformers' "Loading weights" bars
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # e.g. transformers' "Loading weights" bars
+             QUIET_NATIVE_ENV: "1"}  # native libraries' diagnostics (fed_userllm.runtime.quiet_native_stderr)
 
 
 def _data_describe(args: argparse.Namespace) -> None:

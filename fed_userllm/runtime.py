@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +32,28 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")
     return resolved
+
+
+# Set by the CLI's quiet mode (the default; `-v` leaves it unset): native libraries' diagnostics are dropped.
+QUIET_NATIVE_ENV = "FED_USERLLM_QUIET_NATIVE"
+
+
+@contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Drop what native code writes straight to file descriptor 2 (e.g. the ExecuTorch runtime's cpuinfo probe)
+    while the CLI is quiet: Python's logging and warnings never reach it, so only the descriptor can silence it."""
+    if not os.environ.get(QUIET_NATIVE_ENV):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def set_threads(threads: int) -> None:

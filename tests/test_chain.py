@@ -22,7 +22,10 @@ from fed_userllm.server.local_grid import run_local
 TINY_RUN = {**TINY_FEDERATION, **PINNED, "phases": "popularity,pretrain,contextualize", "num-rounds": 2,
             "llm-rounds": 2, "llm-fraction-train": 0.5, "llm-local-steps": 3, "llm-batch-size": 4, "llm-lr": 0.01,
             "llm-eval-fraction": 0.25, "eval-every": 0, "dp": "user", "dp-seed": 7, "canaries": 0,
-            "llm-server-lr": 0.5}  # FedAdam steps of ~eta: the cross-attention gates open within two rounds
+            "llm-server-lr": 0.5,  # FedAdam steps of ~eta: the cross-attention gates open within two rounds
+            # the default public item features (genres and year here): the states a phone sends are [h ; item
+            # features], wider than d-model, as in the default run
+            "item-features": "public", "item-features-llm": ""}
 USERS = (0, 7)
 
 

@@ -71,6 +71,15 @@ def test_perceiver_shape_and_padding_invariance():
     assert not torch.allclose(out[1], perceiver(x, torch.ones_like(mask))[1], atol=1e-3)  # mask matters
 
 
+def test_projection_reads_states_of_any_width():
+    """States with public item features are [h ; features] (e.g. 16 + 11): the Perceiver takes the most heads
+    up to n_heads that divide that width instead of failing."""
+    projection = Projection(d_user=27, d_out=12, n_heads=4)
+    assert projection.perceiver.layers[0]["attn"].n_heads == 3
+    tokens, mask = projection(torch.randn(2, 5, 27), torch.ones(2, 5, dtype=torch.bool))
+    assert tokens.shape == (2, 16, 12) and mask.all()
+
+
 def test_projection_tokens_and_mask():
     torch.manual_seed(0)
     x, mask = torch.randn(2, 6, 32), torch.arange(6)[None, :] < torch.tensor([[6], [2]])

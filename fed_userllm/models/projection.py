@@ -96,9 +96,10 @@ class Projection(nn.Module):
         n_heads: int = 4,
     ):
         super().__init__()
-        self.perceiver = (
-            PerceiverResampler(d_user, num_latents, perceiver_depth, n_heads) if perceiver else None
-        )
+        # the most heads up to n_heads that split d_user evenly: encoder states with public item features are
+        # [h ; features], whose width need not be a multiple of n_heads
+        heads = max(h for h in range(1, n_heads + 1) if d_user % h == 0)
+        self.perceiver = PerceiverResampler(d_user, num_latents, perceiver_depth, heads) if perceiver else None
         self.mlp = nn.Sequential(nn.Linear(d_user, d_out), nn.GELU(), nn.Linear(d_out, d_out))
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """The served model: a UserLLM, loaded once and frozen, that takes the encoder states a phone computed.
 
-A phone runs the exported user encoder and sends only its per-event outputs ``[T, d_model]`` (float32, taken
+A phone runs the exported user encoder and sends only its per-event outputs ``[T, state_dim]`` (float32, taken
 before the projection) with the sha256 of the encoder weights that produced them. The server applies the
 trained projection and cross-attention / soft prompt of a UserLLM run to those states and generates.
 """
@@ -45,10 +45,10 @@ class PrecomputedStates(nn.Module):
     head maps the sent states to the vector the model reads.
     """
 
-    def __init__(self, d_model: int, encoder: nn.Module | None = None):
+    def __init__(self, state_dim: int, encoder: nn.Module | None = None):
         super().__init__()
-        self.config = SimpleNamespace(d_model=d_model)
-        self.state_dim = d_model
+        self.config = SimpleNamespace(d_model=state_dim)
+        self.state_dim = state_dim  # the encoder's per-event output width (its .pte's embedding_dim)
         self.encoder = encoder
         self.next_item_dim = getattr(encoder, "next_item_dim", None)
 
@@ -64,7 +64,7 @@ class Job:
     """One validated request (one choice of it), ready for batching. ``on_text`` receives the answer's text
     piece by piece while it is generated (streaming); the pieces joined are a prefix of `Answer.text`."""
 
-    states: torch.Tensor  # [n_events, d_model] float32, real events only
+    states: torch.Tensor  # [n_events, state_dim] float32, real events only
     prompt: str
     task: str
     constrained: bool
@@ -140,7 +140,7 @@ class ServedModel:
         self.encoder_hash, self.max_len, self.noun = encoder_hash, max_len, noun
         self.trained_task, self.source = trained_task, source
         self.name = Path(source).name or "fed-userllm"  # the model id of the OpenAI-compatible API
-        self.d_model = model.encoder.config.d_model
+        self.d_model = model.encoder.state_dim  # width of the per-event states a phone sends
         self.device = next(model.parameters()).device
         self.catalogs = {task: names for task, names in catalogs.items() if names}
         self.tries = {
@@ -160,7 +160,7 @@ class ServedModel:
         encoder_dir = saved if saved.is_dir() else find_encoder(config.encoder).folder
         encoder = load_pretrained(encoder_dir, "cpu")
         llm, tokenizer = load_llm(config.llm, device=resolve_device(device))
-        states = PrecomputedStates(encoder.config.d_model, encoder)
+        states = PrecomputedStates(encoder.state_dim, encoder)
         model = UserLLM.from_pretrained(source.folder, llm=llm, encoder=states)
         task = load_task(config, tokenizer)
         return cls(model, tokenizer, encoder_weights_hash(encoder_dir), encoder.config.max_len,
