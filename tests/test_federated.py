@@ -320,23 +320,30 @@ def test_resume_after_an_interrupted_round_matches_an_uninterrupted_run(tmp_path
     assert audit(run_dir).ok
 
 
+def crash_after_release_of_round_2(monkeypatch) -> Callable[[], None]:
+    """Make the server die between round 2's ledger line and its checkpoint (the metrics line is written in
+    between); returns what undoes it."""
+    real_append = RunDir.append_metrics
+
+    def crash_at_round_2(run, record):
+        if record.get("round") == 2:
+            raise KeyboardInterrupt("server killed between the ledger line and the checkpoint")
+        real_append(run, record)
+
+    monkeypatch.setattr(RunDir, "append_metrics", crash_at_round_2)
+    return lambda: monkeypatch.setattr(RunDir, "append_metrics", real_append)
+
+
 def test_a_round_charged_but_not_checkpointed_is_not_charged_again_on_resume(tmp_path, monkeypatch):
     common = {"dp": "user", "fraction-train": 0.5, "num-rounds": 3}
     whole = run_config(tmp_path / "whole", **common)
     run(InProcessGrid(whole), FederatedConfig.from_run_config(whole))
 
     broken = run_config(tmp_path / "broken", **common)
-    real_append = RunDir.append_metrics
-
-    def crash_at_round_2(run, record):  # metrics are written after the ledger line, before the checkpoint
-        if record.get("round") == 2:
-            raise KeyboardInterrupt("server killed between the ledger line and the checkpoint")
-        real_append(run, record)
-
-    monkeypatch.setattr(RunDir, "append_metrics", crash_at_round_2)
+    undo = crash_after_release_of_round_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(InProcessGrid(broken), FederatedConfig.from_run_config(broken))
-    monkeypatch.setattr(RunDir, "append_metrics", real_append)
+    undo()
     run_dir = Path(broken["run-dir"])
     assert len(ledger_rounds(run_dir)) == 2  # round 2 charged, its checkpoint never written
     resumed = {**broken, "resume": True}
@@ -358,17 +365,10 @@ def test_a_redone_round_that_releases_something_else_is_charged_again(tmp_path, 
             return reply
         return alter
 
-    real_append = RunDir.append_metrics
-
-    def crash_at_round_2(run, record):  # metrics are written after the ledger line, before the checkpoint
-        if record.get("round") == 2:
-            raise KeyboardInterrupt("server killed between the ledger line and the checkpoint")
-        real_append(run, record)
-
-    monkeypatch.setattr(RunDir, "append_metrics", crash_at_round_2)
+    undo = crash_after_release_of_round_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(InProcessGrid(config, alter=fails_in_round_2(FIRST_NODE)), FederatedConfig.from_run_config(config))
-    monkeypatch.setattr(RunDir, "append_metrics", real_append)
+    undo()
     run_dir = Path(config["run-dir"])
     charged = ledger_rounds(run_dir)
     assert len(charged) == 2
