@@ -34,7 +34,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-# Set by the CLI's quiet mode (the default; `-v` leaves it unset): native libraries' diagnostics are dropped.
+# Set by the CLI's quiet mode (the default; `-v` leaves it unset): third-party output that bypasses logging
+# (native libraries' diagnostics, transformers' GGUF progress bar) is dropped.
 QUIET_NATIVE_ENV = "FED_USERLLM_QUIET_NATIVE"
 
 

