@@ -246,6 +246,15 @@ def _add_command(commands, name: str, func, help: str, verbose: argparse.Argumen
     return command
 
 
+def _add_trainer_options(sub: argparse.ArgumentParser, config, example: str) -> None:
+    """A centralized trainer's options: its run directory, resume, threads and every setting of ``config``."""
+    sub.add_argument("--out", required=True, help=f"run directory (e.g. {example})")
+    sub.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                     help="continue the run in --out from its last checkpoint")
+    sub.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    _add_settings(sub, config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fed-userllm", description=fed_userllm.__doc__,
                                      formatter_class=_HelpFormatter)
@@ -271,11 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--out", default=None, help="output folder (default: the user cache)")
 
     pre = _add_command(commands, "pretrain", _pretrain, "train a user encoder (or baseline) centrally", verbose)
-    pre.add_argument("--out", required=True, help="run directory (e.g. runs/ar)")
-    pre.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                     help="continue the run in --out from its last checkpoint")
-    pre.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
-    _add_settings(pre, PretrainConfig)
+    _add_trainer_options(pre, PretrainConfig, "runs/ar")
 
     ev = _add_command(commands, "evaluate", _evaluate, "full-ranking metrics of a run's user encoder on its own "
                                                        "dataset", verbose)
@@ -306,11 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctx = _add_command(commands, "contextualize", _contextualize, "train User-LLM (frozen LLM + encoder + "
                                                                   "projection) on a task", verbose)
-    ctx.add_argument("--out", required=True, help="run directory (e.g. runs/userllm)")
-    ctx.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                     help="continue the run in --out from its last checkpoint")
-    ctx.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
-    _add_settings(ctx, ContextualizeConfig)
+    _add_trainer_options(ctx, ContextualizeConfig, "runs/userllm")
 
     evl = _add_command(commands, "evaluate-llm", _evaluate_llm, "task metrics of a contextualize or Flower run's "
                                                                 "User-LLM", verbose)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from federation_fixtures import PINNED, TINY_FEDERATION, USERS
+from federation_fixtures import PINNED, TINY_FEDERATION, USERS, crash_after_release_of_round_2
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
@@ -32,7 +32,6 @@ from fed_userllm.models import load_pretrained
 from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS
 from fed_userllm.privacy import LedgerError, PrivacyBudgetExceeded, audit, default_delta, epsilon_from_history
 from fed_userllm.privacy.budget import resolve_privacy
-from fed_userllm.rundir import RunDir
 from fed_userllm.server import runner
 from fed_userllm.server import strategy as strategy_module
 from fed_userllm.server.local_grid import FIRST_NODE, LocalGrid, app_defaults
@@ -318,20 +317,6 @@ def test_resume_after_an_interrupted_round_matches_an_uninterrupted_run(tmp_path
     rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3]
     assert audit(run_dir).ok
-
-
-def crash_after_release_of_round_2(monkeypatch) -> Callable[[], None]:
-    """Make the server die between round 2's ledger line and its checkpoint (the metrics line is written in
-    between); returns what undoes it."""
-    real_append = RunDir.append_metrics
-
-    def crash_at_round_2(run, record):
-        if record.get("round") == 2:
-            raise KeyboardInterrupt("server killed between the ledger line and the checkpoint")
-        real_append(run, record)
-
-    monkeypatch.setattr(RunDir, "append_metrics", crash_at_round_2)
-    return lambda: monkeypatch.setattr(RunDir, "append_metrics", real_append)
 
 
 def test_a_round_charged_but_not_checkpointed_is_not_charged_again_on_resume(tmp_path, monkeypatch):

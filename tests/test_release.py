@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_fixtures import TINY_FEDERATION, USERS
+from federation_fixtures import TINY_FEDERATION, USERS, crash_after_release_of_round_2
 from safetensors.torch import load_file, save_file
 
 from fed_userllm.cli import main
-from fed_userllm.rundir import LEDGER, OPERATOR_PRIVATE, RunDir
+from fed_userllm.rundir import LEDGER, OPERATOR_PRIVATE
 from fed_userllm.server import release as release_module
 from fed_userllm.server import runner
 from fed_userllm.server.local_grid import LocalGrid, app_defaults
@@ -75,14 +75,7 @@ def test_release_holds_exactly_the_models_public_config_ledger_and_audit(tmp_pat
 def test_release_refuses_an_unfinished_run_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner.secrets, "randbits", lambda bits: SEED)
     config = {**app_defaults(), **TINY, "run-dir": str(tmp_path / "run")}
-    real_append = RunDir.append_metrics
-
-    def crash_in_round_2(run, record):
-        if record.get("round") == 2:
-            raise KeyboardInterrupt("server killed")
-        real_append(run, record)
-
-    monkeypatch.setattr(RunDir, "append_metrics", crash_in_round_2)
+    crash_after_release_of_round_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(LocalGrid(config, USERS), FederatedConfig.from_run_config(config))
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["dp_seed"] == SEED  # for resume
