@@ -172,7 +172,7 @@ def main() -> None:
     start = time.time()
     if args.model:  # the cost does not depend on the values: unit-scale states, like the encoder's LayerNorm
         served = ServedModel.load(args.model, device="cpu")
-        shape = (64, min(HISTORY, served.max_len), served.d_model)
+        shape = (64, min(HISTORY, served.max_len), served.state_dim)
         states = list(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
     else:
         served, states = demo_model(out, args.llm)

@@ -136,8 +136,8 @@ def test_free_generation_matches_the_trained_userllm_on_the_raw_history(client, 
 def test_padding_rows_after_length_are_ignored(client, trained, served):
     body = {"user": embedding(trained, served, 2, n=4), "prompt": PROMPTS[1], "max_new_tokens": 6}
     padded = json.loads(json.dumps(body))
-    padded["user"]["embeddings"] += [[123.0] * served.d_model] * 3
-    padded["user"]["shape"] = [7, served.d_model]
+    padded["user"]["embeddings"] += [[123.0] * served.state_dim] * 3
+    padded["user"]["shape"] = [7, served.state_dim]
     padded["user"]["length"] = 4
     a, b = client.post("/v1/generate", json=body), client.post("/v1/generate", json=padded)
     assert a.status_code == b.status_code == 200
@@ -553,7 +553,7 @@ def test_history_csv_to_pte_embedding_to_http_answer(tmp_path, client, trained, 
     result = embed(tmp_path / "artifact", tmp_path / "history.csv", out=tmp_path / "user.json")
     assert result["encoder_hash"] == served.encoder_hash
     eager = model.encoder.encode(history(task, user))[0, : end - start].detach()
-    assert result["shape"] == [end - start, served.d_model] and result["dtype"] == "float32"
+    assert result["shape"] == [end - start, served.state_dim] and result["dtype"] == "float32"
     assert torch.allclose(torch.from_numpy(result["embeddings"]), eager, atol=1e-4)
 
     user_object = json.loads((tmp_path / "user.json").read_text())  # `embed` writes the request's user object

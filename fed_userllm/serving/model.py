@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -47,7 +46,6 @@ class PrecomputedStates(nn.Module):
 
     def __init__(self, state_dim: int, encoder: nn.Module | None = None):
         super().__init__()
-        self.config = SimpleNamespace(d_model=state_dim)
         self.state_dim = state_dim  # the encoder's per-event output width (its .pte's embedding_dim)
         self.encoder = encoder
         self.next_item_dim = getattr(encoder, "next_item_dim", None)
@@ -140,7 +138,7 @@ class ServedModel:
         self.encoder_hash, self.max_len, self.noun = encoder_hash, max_len, noun
         self.trained_task, self.source = trained_task, source
         self.name = Path(source).name or "fed-userllm"  # the model id of the OpenAI-compatible API
-        self.d_model = model.encoder.state_dim  # width of the per-event states a phone sends
+        self.state_dim = model.encoder.state_dim  # width of the per-event states a phone sends
         self.device = next(model.parameters()).device
         self.catalogs = {task: names for task, names in catalogs.items() if names}
         self.tries = {
@@ -195,7 +193,7 @@ class ServedModel:
             "strategy": self.model.config.strategy,
             "device": str(self.device),
             "encoder_hash": self.encoder_hash,
-            "embedding": {"shape": ["T", self.d_model], "dtype": EMBEDDING_DTYPE, "max_events": self.max_len},
+            "embedding": {"shape": ["T", self.state_dim], "dtype": EMBEDDING_DTYPE, "max_events": self.max_len},
             "tasks": list(TASKS),
             "trained_task": self.trained_task,
             "constrained_tasks": sorted(self.tries),
@@ -206,7 +204,7 @@ class ServedModel:
         """Answer jobs sharing one key with one batched generate call."""
         start = time.perf_counter()
         n = max(len(j.states) for j in jobs)
-        states = torch.zeros(len(jobs), n, self.d_model)
+        states = torch.zeros(len(jobs), n, self.state_dim)
         mask = torch.zeros(len(jobs), n, dtype=torch.bool)
         for i, job in enumerate(jobs):
             states[i, : len(job.states)], mask[i, : len(job.states)] = job.states, True

@@ -19,8 +19,9 @@ class UserEmbedding(BaseModel):
     ``dtype`` as `fed_userllm.export.device.embed` writes them, plus the encoder hash from the manifest."""
 
     model_config = ConfigDict(extra="forbid")
-    embeddings: list[list[float]] = Field(description="[T, d_model], one row per event, oldest first")
-    shape: list[int] = Field(description="[T, d_model]; must match embeddings and the loaded model")
+    embeddings: list[list[float]] = Field(description="[T, state_dim] (the encoder's output width), one row per "
+                                                      "event, oldest first")
+    shape: list[int] = Field(description="[T, state_dim]; must match embeddings and the loaded model")
     dtype: str = Field(EMBEDDING_DTYPE, description="float32, the encoder's output dtype")
     encoder_hash: str = Field(description="sha256 of the encoder weights: the manifest's source.model_sha256")
     length: int | None = Field(None, description="real events; later rows are right-padding (default: T)")

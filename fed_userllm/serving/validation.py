@@ -30,15 +30,15 @@ def max_events(served: ServedModel, config: ServingConfig) -> int:
 
 
 def user_states(emb: UserEmbedding, field: str, served: ServedModel, config: ServingConfig) -> torch.Tensor:
-    """The real events' states [length, d_model] of a user embedding sent as request field ``field``."""
+    """The real events' states [length, state_dim] of a user embedding sent as request field ``field``."""
     if emb.dtype != EMBEDDING_DTYPE:
         raise _reject(422, f"{field}.dtype={emb.dtype!r}: expected {EMBEDDING_DTYPE!r} (encoder output dtype)")
     if not hmac.compare_digest(emb.encoder_hash.lower(), served.encoder_hash):
         raise _reject(409, f"{field}.encoder_hash={emb.encoder_hash[:16]!r}...: the loaded model expects "
                            f"embeddings from encoder {served.encoder_hash[:16]}...")
     limit = max_events(served, config)
-    if len(emb.shape) != 2 or emb.shape[1] != served.d_model or emb.shape[0] < 1:
-        raise _reject(422, f"{field}.shape={emb.shape}: expected [T, {served.d_model}] with T >= 1")
+    if len(emb.shape) != 2 or emb.shape[1] != served.state_dim or emb.shape[0] < 1:
+        raise _reject(422, f"{field}.shape={emb.shape}: expected [T, {served.state_dim}] with T >= 1")
     if emb.shape[0] > limit:
         raise _reject(422, f"{field}.shape={emb.shape}: {emb.shape[0]} events, at most {limit} allowed")
     widths = sorted({len(r) for r in emb.embeddings})
