@@ -177,3 +177,18 @@ def test_main_leaves_the_process_as_it_found_it(capsys):
     after = (logging.getLogger().level, logging.getLogger().handlers[:], warnings.filters[:],
              {name: os.environ.get(name) for name in cli.QUIET_ENV})
     assert after == before
+
+
+def test_quiet_mode_drops_what_native_code_writes_to_stderr_and_verbose_keeps_it(capfd, monkeypatch):
+    """Native libraries (the ExecuTorch runtime's cpuinfo probe) write to file descriptor 2 directly, past logging:
+    the CLI's quiet mode drops it, -v keeps it, and the descriptor is restored either way."""
+    from fed_userllm.runtime import QUIET_NATIVE_ENV, quiet_native_stderr
+
+    for verbose in (False, True):
+        monkeypatch.delenv(QUIET_NATIVE_ENV, raising=False)
+        with cli.console(verbose), quiet_native_stderr():
+            os.write(2, b"native diagnostic\n")
+        os.write(2, b"after\n")
+        err = capfd.readouterr().err
+        assert ("native diagnostic" in err) == verbose and "after" in err
+    assert QUIET_NATIVE_ENV not in os.environ  # console() restores the environment
