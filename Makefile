@@ -41,7 +41,7 @@ bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $(BIN)/python $$script"; $(BIN)/python $$script --help || exit 1; echo; done
 
 # The encoders side by side with RecBole's (docs/encoders.md): RecBole lives in its own venv, never in the
-# project's; hours on 2 cores (each peer stops after --budget-minutes); resumable.
+# project's; hours on 2 cores (each peer stops after --budget-minutes); resumable. Options: PEERS_ARGS="--budget-minutes 30".
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
@@ -53,7 +53,7 @@ $(PEERS_STAMP): benchmarks/requirements-peers.txt
 	touch $(PEERS_STAMP)
 
 bench-peers: $(STAMP) $(PEERS_STAMP)
-	nice -n 10 $(BIN)/python benchmarks/peers.py --peer-python $(PEERS_VENV)/bin/python
+	nice -n 10 $(BIN)/python benchmarks/peers.py --peer-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) runs artifacts .pytest_cache .ruff_cache

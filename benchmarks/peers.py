@@ -17,7 +17,8 @@ Unmasked: every catalog item is a candidate. Masked: the items of the history th
 ``max_len`` events before the target, for peers and the project alike) are removed from the ranking.
 Ties count pessimistically. Train seconds include each epoch's validation, on 1 torch thread for all models.
 Recipes (rows of the project's AR encoder) are chosen on validation NDCG@10; test is reported once per recipe.
-Writes ``OUT/peers.json`` and ``OUT/peers.png``.
+The app's federated runs (benchmarks/federated.py's results, ``--federated``) join the table on their dataset.
+Writes ``OUT/peers.json``, ``OUT/peers.png`` and ``OUT/peers.md`` (the table).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from fed_userllm.data.sequences import UserSequences  # noqa: E402
 from fed_userllm.eval.evaluate import evaluation_sums  # noqa: E402
 from fed_userllm.eval.ranking import finalize, ranking_sums, target_ranks  # noqa: E402
 from fed_userllm.models import load_pretrained  # noqa: E402
+from fed_userllm.rundir import RunDir, find_encoder  # noqa: E402
 from fed_userllm.runtime import atomic_write_bytes, atomic_write_json, set_threads  # noqa: E402
 from fed_userllm.train.centralized import pretrain  # noqa: E402
 from fed_userllm.train.pretrain_config import PretrainConfig  # noqa: E402
@@ -51,11 +53,22 @@ PEERS = ("SASRec", "GRU4Rec", "BERT4Rec", "Pop")
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@10")
 HEADLINE = ("recall@10", "ndcg@10")
 PEER_SCRIPT = Path(__file__).with_name("recbole_peer.py")
-# Rows of the project: the default `fed-userllm pretrain` recipe and ablations (PretrainConfig overrides).
+# Rows of the project: the default `fed-userllm pretrain` recipe and one lever changed in each ablation
+# (PretrainConfig overrides), chosen on validation NDCG@10; "app-width" is the federated app's encoder trained
+# centrally (its width, public item features and dropout: simulations/movielens/pyproject.toml).
 RECIPES: dict[str, dict] = {
     "default": {},
+    "no-seen-offset": {"seen_offset": False},
+    "label-smoothing": {"label_smoothing": 0.1},
+    "dropout-0.5": {"dropout": 0.5},
+    "long-schedule": {"epochs": 40, "patience": 8},
+    "wide": {"d_model": 128, "item_dim": 128},
+    "public-item-features": {"item_features": "public"},
+    "app-width": {"d_model": 32, "item_dim": 16, "item_features": "public", "dropout": 0.1},
     "popularity": {"model": "popularity"},
 }
+# The federated rows (benchmarks/federated.py's runs of the app, same split, test unmasked only).
+FEDERATED_ROWS = ("federated-public-no-dp", "federated-public-eps8")
 
 
 def main() -> None:
@@ -69,6 +82,8 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=40.0, help="training budget of each peer")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="first check RecBole's and the project's metrics agree (Pop on a tiny split)")
+    parser.add_argument("--federated", default="benchmarks/results/federated.json",
+                        help="benchmarks/federated.py's results: its runs of the app join the table ('' to skip)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -91,6 +106,8 @@ def main() -> None:
         result["models"][name] = {"kind": "project", "overrides": RECIPES[name],
                                   **run_recipe(config, seq, out / "project" / name)}
         print(f"{name}: {brief(result['models'][name])}", flush=True)
+    if args.federated and Path(args.federated).is_file():
+        result["models"].update(federated_rows(json.loads(Path(args.federated).read_text()), args.dataset))
     add_ratios(result)
     atomic_write_json(out / "peers.json", result)
     plot(result, out / "peers.png")
@@ -164,15 +181,24 @@ def run_recipe(config: PretrainConfig, seq: UserSequences, run_dir: Path) -> dic
     start = time.time()
     pretrain(config, run_dir, resume=True, progress=False)
     elapsed = time.time() - start
-    log = run_dir / "metrics.jsonl"
-    epochs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    model = load_pretrained(run_dir / "best")
+    run = RunDir(run_dir)
+    epochs = run.read_metrics()
+    model = load_pretrained(find_encoder(run_dir).folder)
     metrics = {key(split, masked): finalize(evaluation_sums(model, seq, split, mask_seen=masked))
                for split in ("val", "test") for masked in (False, True)}
     best = max(epochs, key=lambda e: e["val_ndcg@10"])["epoch"] if epochs else None
     return {**metrics, "train_seconds": sum(e["seconds"] for e in epochs) if epochs else elapsed,
             "epochs_run": len(epochs), "best_epoch": best,
             "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def federated_rows(federated: dict, dataset: str) -> dict:
+    """The app's federated runs from benchmarks/federated.py, when they ran on this dataset (test unmasked)."""
+    if federated["settings"]["app_defaults"]["dataset"] != dataset:
+        return {}
+    runs = federated["runs"]
+    return {name: {"kind": "federated", "test": runs[name]["test"], "epsilon": runs[name].get("epsilon"),
+                   "train_seconds": runs[name]["seconds"]} for name in FEDERATED_ROWS if name in runs}
 
 
 # --- the table ---------------------------------------------------------------------------------------------
@@ -189,12 +215,11 @@ def add_ratios(result: dict) -> None:
     best = max(peers, key=lambda n: peers[n]["val"]["ndcg@10"])
     result["best_peer"] = best
     for row in result["models"].values():
-        if row["kind"] != "project":
+        if row["kind"] == "peer":
             continue
         row["ratio_to_best_peer"] = {
-            key("test", masked): {m: row[key("test", masked)][m] / max(p[key("test", masked)][m]
-                                                                         for p in peers.values()) for m in METRICS}
-            for masked in (False, True)}
+            split: {m: row[split][m] / max(p[split][m] for p in peers.values()) for m in METRICS}
+            for split in (key("test", masked) for masked in (False, True)) if split in row}
         row["time_ratio_to_best_peer"] = row["train_seconds"] / peers[best]["train_seconds"]
 
 
@@ -204,38 +229,49 @@ def brief(row: dict) -> str:
             f"{row['train_seconds']:.0f} s")
 
 
+def label(name: str, row: dict) -> str:
+    if row["kind"] == "peer":
+        return f"RecBole {name}"
+    if row["kind"] == "federated":
+        return f"{name} (epsilon {row['epsilon']:.1f})" if row.get("epsilon") else name
+    return name if name == "popularity" else f"AR: {name}"
+
+
 def markdown_table(result: dict) -> str:
     head = ("| model | R@1 | R@5 | R@10 | NDCG@10 | masked R@1 | R@5 | R@10 | NDCG@10 | val NDCG@10 | train s "
-            "(epochs) | R@10, NDCG@10 vs best peer (masked) | time vs best peer |")
+            "(epochs) | R@10, NDCG@10 vs best peer (then masked) | time vs best peer |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    def cell(split: str, metric: str, form: str = ".4f") -> str:
+        return format(row[split][metric], form) if split in row else "–"
+
     for name, row in result["models"].items():
-        cells = [f"{row['test'][m]:.4f}" for m in METRICS] + [f"{row['test_masked'][m]:.4f}" for m in METRICS]
-        ratio = row.get("ratio_to_best_peer")
-        ratios = (f"{ratio['test']['recall@10']:.2f}x, {ratio['test']['ndcg@10']:.2f}x "
-                  f"({ratio['test_masked']['recall@10']:.2f}x, {ratio['test_masked']['ndcg@10']:.2f}x)"
-                  if ratio else "")
+        cells = [cell(split, m) for split in ("test", "test_masked") for m in METRICS]
+        ratio = row.get("ratio_to_best_peer", {})
+        ratios = ", ".join(f"{ratio[split][m]:.2f}x" for split in ("test", "test_masked") if split in ratio
+                           for m in HEADLINE)
         budget = ", budget" if row.get("stopped_by_budget") else ""
+        epochs = f" ({row['epochs_run']}{budget})" if "epochs_run" in row else ""
         time_ratio = f"{row['time_ratio_to_best_peer']:.2f}" if "time_ratio_to_best_peer" in row else ""
-        label = f"RecBole {name}" if row["kind"] == "peer" else f"AR: {name}" if name != "popularity" else name
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['val']['ndcg@10']:.4f} | "
-                     f"{row['train_seconds']:.0f} ({row['epochs_run']}{budget}) | {ratios} | {time_ratio} |")
+        lines.append(f"| {label(name, row)} | " + " | ".join(cells) + f" | {cell('val', 'ndcg@10')} | "
+                     f"{row['train_seconds']:.0f}{epochs} | {ratios} | {time_ratio} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
-    names = list(result["models"])
+    names = [label(n, r) for n, r in result["models"].items()]
+    rows = list(result["models"].values())
     panels = [("test", "recall@10"), ("test", "ndcg@10"), ("test_masked", "recall@10"), ("test_masked", "ndcg@10")]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 0.35 * len(names) + 2),
                              sharey=True)
-    colors = ["tab:gray" if result["models"][n]["kind"] == "peer" else "tab:blue" for n in names]
+    colors = [{"peer": "tab:gray", "project": "tab:blue", "federated": "tab:green"}[r["kind"]] for r in rows]
     for ax, (split, metric) in zip(axes, panels, strict=False):
-        ax.barh(names, [result["models"][n][split][metric] for n in names], color=colors)
+        ax.barh(names, [r[split][metric] if split in r else 0.0 for r in rows], color=colors)
         ax.set_title(f"{metric} ({'masked' if 'masked' in split else 'unmasked'})")
-    axes[-1].barh(names, [result["models"][n]["train_seconds"] for n in names], color=colors)
+    axes[-1].barh(names, [r["train_seconds"] for r in rows], color=colors)
     axes[-1].set_xscale("log")
     axes[-1].set_title("train seconds (log)")
     axes[0].invert_yaxis()
-    fig.suptitle(f"{result['dataset']}: test, full ranking (gray: RecBole, blue: this project)")
+    fig.suptitle(f"{result['dataset']}: test, full ranking (gray: RecBole, blue: this project, green: federated)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -254,7 +290,8 @@ def verify_pop(python: str, out: Path) -> dict:
     row = run_peer(python, out / "data", "tiny", "Pop", out / "Pop", budget_minutes=5, train_batch_size=1)
     config = PretrainConfig(dataset=str(folder), model="popularity", max_len=longest)
     run_recipe(config, seq, out / "popularity")
-    ours = finalize(evaluation_sums(load_pretrained(out / "popularity" / "best"), seq, "test", mask_seen=True))
+    model = load_pretrained(find_encoder(out / "popularity").folder)
+    ours = finalize(evaluation_sums(model, seq, "test", mask_seen=True))
     diff = max(abs(ours[m] - row["recbole_test"][m]) for m in METRICS)
     if diff > 1e-6:  # RecBole rounds to 6 decimals
         raise AssertionError(f"Pop on the tiny split: RecBole {row['recbole_test']} != project {ours}")

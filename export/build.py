@@ -141,8 +141,8 @@ def manifest_for(model: ARUserEncoder, seq: UserSequences, max_len: int, dynamic
 def parity(model: ARUserEncoder, encoder: PteEncoder, seq: UserSequences, users: np.ndarray) -> dict:
     """Eager vs .pte embeddings on the users' validation histories, and Recall@10 / NDCG@10 of both.
 
-    Both rankings use the eager model's tied item head on the last event's embedding, so the drop measures
-    what the exported embedding loses for next-item prediction, nothing else.
+    Both rankings use the eager model's item scores of the last event's embedding (the tied item head and the
+    seen offset), so the drop measures what the exported embedding loses for next-item prediction, nothing else.
     """
     batch = seq.eval_batch(users, "val")
     lengths = batch["mask"].sum(1).tolist()
@@ -161,7 +161,7 @@ def parity(model: ARUserEncoder, encoder: PteEncoder, seq: UserSequences, users:
 
     def ranking(last: list[torch.Tensor]) -> dict:
         with torch.no_grad():
-            scores = model.logits(torch.stack(last), "item")
+            scores = model.next_item_scores(torch.stack(last), batch)
         return finalize(ranking_sums(target_ranks(scores, batch["target_item"])))
 
     eager_rank, pte_rank = ranking(last_eager), ranking(last_pte)

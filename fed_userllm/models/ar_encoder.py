@@ -154,10 +154,15 @@ class ARUserEncoder(Pretrained, nn.Module):
         if feature not in self.config.features:
             raise ValueError(f"feature={feature!r}: expected one of the configured {self.config.features}")
         h = self.encode(batch)
-        last_step = last_index(batch["mask"])
-        logits = self.logits(h[torch.arange(h.shape[0], device=h.device), last_step], feature)
-        if feature == "item" and self.config.seen_offset:
-            logits = logits + self.seen_scores(self.first_seen(batch) <= last_step[:, None])
+        last = h[torch.arange(h.shape[0], device=h.device), last_index(batch["mask"])]
+        return self.next_item_scores(last, batch) if feature == "item" else self.logits(last, feature)
+
+    def next_item_scores(self, last: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Item scores [B, vocab] from each row's last-event embedding ``last`` [B, d_model] (computed here or by
+        the exported encoder on a phone): the tied item head, plus the seen offset on the row's history."""
+        logits = self.logits(last, "item")
+        if self.config.seen_offset:
+            logits = logits + self.seen_scores(self.first_seen(batch) <= last_index(batch["mask"])[:, None])
         return logits
 
     @property

@@ -27,8 +27,8 @@ class PretrainConfig:
     item_features_llm: str = setting("smollm2", "public item features: the LLM whose title representation is "
                                                 "used ('' for genres and year only)")
     dropout: float = setting(0.2, "dropout probability")
-    seen_offset: bool = setting(False, "learn one score offset for items already in the history: repeat-aware "
-                                       "ranking (ar only)")
+    seen_offset: bool = setting(True, "learn one score offset for items already in the history: repeat-aware "
+                                      "ranking (ar only; the other models ignore it)")
     label_smoothing: float = setting(0.0, "label smoothing of the next-event cross-entropy (ar only)")
     epochs: int = setting(20, "maximum epochs (early stopping may end sooner)")
     batch_size: int = setting(64, "training windows per step")
@@ -48,9 +48,9 @@ class PretrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
         if not 0 <= self.window_stride <= self.max_len:
             raise ValueError(f"window_stride={self.window_stride}: expected 0..max_len ({self.max_len})")
-        if self.model != "ar" and (self.seen_offset or self.label_smoothing):
-            raise ValueError(f"seen_offset={self.seen_offset}, label_smoothing={self.label_smoothing} with "
-                             f"model={self.model!r}: both are options of the ar encoder only")
+        if self.model != "ar" and self.label_smoothing:
+            raise ValueError(f"label_smoothing={self.label_smoothing} with model={self.model!r}: an option of the "
+                             "ar encoder only")
         if self.lr <= 0 or not 0 <= self.warmup_frac < 1:
             raise ValueError(f"lr={self.lr}, warmup_frac={self.warmup_frac}: expected lr > 0, 0 <= warmup_frac < 1")
 
