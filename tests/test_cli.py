@@ -85,13 +85,14 @@ def test_settings_become_flags_with_their_defaults_and_choices(settings_class, c
 def test_closed_sets_name_what_the_code_implements():
     """The torch-free name lists the CLI offers equal the registries that build the objects."""
     from fed_userllm.models import ENCODERS, userllm
+    from fed_userllm.models.integrations import INTEGRATIONS
     from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS, ITEM_FEATURES
     from fed_userllm.tasks import TASKS
 
     assert set(contextualize_config.TASK_NAMES) == set(TASKS)
     assert contextualize_config.STRATEGIES == userllm.STRATEGIES
     assert contextualize_config.USER_TOKENS == userllm.USER_TOKENS
-    assert contextualize_config.INTEGRATIONS == (*userllm.INTEGRATIONS, "text")
+    assert contextualize_config.INTEGRATIONS == (*INTEGRATIONS, "text")
     assert pretrain_config.ENCODER_NAMES == tuple(ENCODERS)
     assert pretrain_config.ITEM_FEATURES == ITEM_FEATURES
     assert PretrainConfig().item_dim == DEFAULT_FEATURE_DIMS["item"]

@@ -113,7 +113,7 @@ def test_long_plus_short_and_soft_prompt_variants(runs, tmp_path):
     model, task = prepare(config(runs, integration="softprompt", perceiver=False, text_history_len=3))
     assert results["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     names = model.trainable_parameter_names()
-    assert names and all(n.startswith(("encoder.", "projection.", "task_prompt")) for n in names)
+    assert names and all(n.startswith(("encoder.", "projection.", "integration.task_prompt")) for n in names)
     assert "Past movies" in task.prompt(0, 5, 3) and results["test"]["n"] == 6
 
 
@@ -227,5 +227,5 @@ def test_catalog_objective_run_lowers_the_catalog_loss(runs, tmp_path, user_toke
     assert len(losses) == 2 and losses[1] < losses[0]
     assert results["test"]["n"] == 6  # the trained model is an ordinary UserLLM, ranked by beam search
     model, _, loaded = ctx.load_model(tmp_path / "run")
-    assert loaded.objective == "catalog" and [len(model.llm.model.layers) - 1] == model.xattn_at
+    assert loaded.objective == "catalog" and [len(model.llm.model.layers) - 1] == model.integration.at
     assert model.config.user_tokens == user_tokens
