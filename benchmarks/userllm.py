@@ -66,8 +66,8 @@ VARIANTS = {  # name -> ContextualizeConfig fields (User-LLM variants use the En
                                     user_tokens="next_item", lr=3e-3, batch_size=128, max_grad_norm=0),
     "userllm-softprompt-perceiver": dict(integration="softprompt", perceiver=True),
     "userllm-softprompt": dict(integration="softprompt", perceiver=False),
-    "tp50-lora": dict(integration="text", strategy="lora", text_history_len=50, lr=1e-3, micro_batch_size=2),
-    "tp50-full": dict(integration="text", strategy="full", text_history_len=50, lr=1e-4, micro_batch_size=2),
+    "tp50-lora": dict(method="textprompt", strategy="lora", text_history_len=50, lr=1e-3, micro_batch_size=2),
+    "tp50-full": dict(method="textprompt", strategy="full", text_history_len=50, lr=1e-4, micro_batch_size=2),
 }
 BASELINES = ("zero-gate", "popularity")
 QUICK = dict(eval_users=40, steps=60, fav_steps=30, tp_steps=1, encoder_epochs=3, latency_users=1,
@@ -147,7 +147,7 @@ def run_config(name: str, task: str, args) -> ContextualizeConfig:
     """The run settings of a variant; the zero-gate baseline is the untrained xattn + Perceiver model."""
     fields = {"strategy": "enc", "lr": args.lr, "encoder_lr": args.encoder_lr, "batch_size": args.batch_size,
               **VARIANTS.get(name, VARIANTS["userllm-xattn-perceiver"])}
-    text = fields["integration"] == "text"
+    text = fields.get("method") == "textprompt"
     steps = (args.tp_steps if text else args.fav_steps if task == "favgenre"
              else args.catalog_steps if fields.get("objective") == "catalog" else args.steps)
     return ContextualizeConfig(encoder=args.encoder, dataset=args.dataset, task=task, history_len=50,

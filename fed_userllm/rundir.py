@@ -10,8 +10,9 @@ Three kinds of run write a run directory, told apart by their config.json:
 Every kind has config.json, metrics.jsonl (one JSON line per epoch, logging step or round), checkpoint.pt
 (the latest resumable state, replaced atomically) and results.json (final metrics). A User-LLM model folder
 (userllm/) is the same for both kinds that write one: `fed_userllm.models.userllm.UserLLM.save_pretrained`
-(config, trained tensors, the encoder, LoRA as a PEFT adapter). A new run points ``latest`` beside it (e.g.
-runs/latest) at itself, so ``fed-userllm serve --model runs/latest`` serves the newest run.
+(config, trained tensors, the encoder, LoRA as a PEFT adapter); a contextualize run of the TextPrompt baseline
+holds `fed_userllm.models.textprompt.TextPromptLLM.save_pretrained` there instead. A new run points ``latest``
+beside it (e.g. runs/latest) at itself, so ``fed-userllm serve --model runs/latest`` serves the newest run.
 """
 
 from __future__ import annotations

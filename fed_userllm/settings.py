@@ -10,6 +10,7 @@ from typing import Any
 # Closed sets that torch-free settings check and the models implement (declared once, here).
 ENCODER_NAMES = ("ar", "dual", "bert4rec")  # the user encoders `fed_userllm.models.ENCODERS` builds
 ITEM_FEATURES = ("learned", "public")  # how an encoder represents items (`fed_userllm.models.layers`)
+INTEGRATION_NAMES = ("xattn", "softprompt")  # how user tokens enter the LLM (`fed_userllm.models.integrations`)
 
 def setting(default: Any, help: str, choices: tuple | None = None) -> Any:
     """A dataclass field with its help text and (optional) closed set of values."""

@@ -74,7 +74,7 @@ def save_tiny_llm(directory: Path, texts: Iterable[str] = (), arch: str = "llama
 def set_gates(model: UserLLM, value: float) -> None:
     """Open every cross-attention gate of ``model`` to ``value`` (0 at initialisation: answers ignore the user)."""
     with torch.no_grad():
-        for block in model.xattn:
+        for block in model.integration.blocks:
             block.gate_attn.fill_(value)
             block.gate_ff.fill_(value)
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields
 
 import pytest
 
@@ -84,14 +85,16 @@ def test_settings_become_flags_with_their_defaults_and_choices(settings_class, c
 
 def test_closed_sets_name_what_the_code_implements():
     """The torch-free name lists the CLI offers equal the registries that build the objects."""
-    from fed_userllm.models import ENCODERS, userllm
+    from fed_userllm.models import ENCODERS, textprompt, userllm
+    from fed_userllm.models.integrations import INTEGRATIONS
     from fed_userllm.models.layers import DEFAULT_FEATURE_DIMS, ITEM_FEATURES
     from fed_userllm.tasks import TASKS
 
     assert set(contextualize_config.TASK_NAMES) == set(TASKS)
     assert contextualize_config.STRATEGIES == userllm.STRATEGIES
     assert contextualize_config.USER_TOKENS == userllm.USER_TOKENS
-    assert contextualize_config.INTEGRATIONS == (*userllm.INTEGRATIONS, "text")
+    assert choices_of(next(f for f in fields(ContextualizeConfig) if f.name == "integration")) == tuple(INTEGRATIONS)
+    assert set(textprompt.STRATEGIES) < set(userllm.STRATEGIES)
     assert pretrain_config.ENCODER_NAMES == tuple(ENCODERS)
     assert pretrain_config.ITEM_FEATURES == ITEM_FEATURES
     assert PretrainConfig().item_dim == DEFAULT_FEATURE_DIMS["item"]
@@ -110,6 +113,10 @@ def test_booleans_reject_typos_and_verbose_goes_anywhere(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["pretrain", "--out", "x", "--model", "gru"])
     assert "invalid choice: 'gru'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the old spelling of the TextPrompt baseline; --help names the new one
+        parser.parse_args(["contextualize", "--out", "x", "--integration", "text"])
+    assert "invalid choice: 'text'" in capsys.readouterr().err
+    assert parser.parse_args(["contextualize", "--out", "x", "--method", "textprompt"]).method == "textprompt"
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ import torch
 import fed_userllm.train.contextualize as ctx
 from fed_userllm.data.reviews import read_reviews, review_sequences
 from fed_userllm.models.ar_encoder import ARUserEncoder, ARUserEncoderConfig
-from fed_userllm.models.userllm import UserLLM
+from fed_userllm.models.textprompt import TextPromptLLM
 from fed_userllm.rundir import RunDir
+from fed_userllm.serving.model import ServedModel
 from fed_userllm.train.centralized import pretrain
 from fed_userllm.train.contextualize import (
     contextualize,
@@ -94,7 +95,7 @@ def test_resume_after_a_crash_gives_the_same_model(runs, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("strategy", ["lora", "full"])
 def test_textprompt_baselines_train_save_and_reload(runs, tmp_path, strategy):
-    cfg = config(runs, integration="text", strategy=strategy, history_len=5, text_history_len=5, steps=2,
+    cfg = config(runs, method="textprompt", strategy=strategy, history_len=5, text_history_len=5, steps=2,
                  task="favgenre")
     results = contextualize(cfg, tmp_path / strategy, progress=False)
     model, task = prepare(cfg)
@@ -103,8 +104,10 @@ def test_textprompt_baselines_train_save_and_reload(runs, tmp_path, strategy):
         assert results["trainable_parameters"] == llm_params
     else:
         assert 0 < results["trainable_parameters"] < llm_params / 4
-    assert not isinstance(model, UserLLM) and task.name == "favgenre"
+    assert isinstance(model, TextPromptLLM) and model.config.history_len == 5 and task.name == "favgenre"
     assert evaluate_llm(tmp_path / strategy, "test", device="cpu", progress=False) == results["test"]
+    with pytest.raises(ValueError, match="a TextPrompt baseline .* takes no embeddings"):
+        ServedModel.load(tmp_path / strategy / "userllm", device="cpu")
 
 
 def test_long_plus_short_and_soft_prompt_variants(runs, tmp_path):
@@ -113,7 +116,7 @@ def test_long_plus_short_and_soft_prompt_variants(runs, tmp_path):
     model, task = prepare(config(runs, integration="softprompt", perceiver=False, text_history_len=3))
     assert results["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     names = model.trainable_parameter_names()
-    assert names and all(n.startswith(("encoder.", "projection.", "task_prompt")) for n in names)
+    assert names and all(n.startswith(("encoder.", "projection.", "integration.task_prompt")) for n in names)
     assert "Past movies" in task.prompt(0, 5, 3) and results["test"]["n"] == 6
 
 
@@ -190,9 +193,11 @@ def test_bad_settings_are_named(runs):
     with pytest.raises(ValueError, match="needs encoder="):
         ContextualizeConfig()
     with pytest.raises(ValueError, match="no encoder or projection"):
-        ContextualizeConfig(integration="text", strategy="enc", text_history_len=50)
+        ContextualizeConfig(method="textprompt", strategy="enc", text_history_len=50)
     with pytest.raises(ValueError, match="text_history_len == history_len"):
-        ContextualizeConfig(integration="text", strategy="lora", text_history_len=10)
+        ContextualizeConfig(method="textprompt", strategy="lora", text_history_len=10)
+    with pytest.raises(ValueError, match="integration='text': the TextPrompt baseline is method='textprompt'"):
+        ContextualizeConfig(integration="text", strategy="lora", text_history_len=50)  # the old spelling
     with pytest.raises(ValueError, match="text_history_len=60 exceeds"):
         ContextualizeConfig(encoder="x", text_history_len=60)
     with pytest.raises(ValueError, match=r"unknown contextualize settings \['colour'\]"):
@@ -227,5 +232,5 @@ def test_catalog_objective_run_lowers_the_catalog_loss(runs, tmp_path, user_toke
     assert len(losses) == 2 and losses[1] < losses[0]
     assert results["test"]["n"] == 6  # the trained model is an ordinary UserLLM, ranked by beam search
     model, _, loaded = ctx.load_model(tmp_path / "run")
-    assert loaded.objective == "catalog" and [len(model.llm.model.layers) - 1] == model.xattn_at
+    assert loaded.objective == "catalog" and [len(model.llm.model.layers) - 1] == model.integration.at
     assert model.config.user_tokens == user_tokens

@@ -91,7 +91,7 @@ def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_los
     sent = reply["arrays"]
     trainable = set(model.trainable_parameter_names())
     assert set(sent.keys()) == trainable == set(arrays.keys())
-    assert {name.split(".")[0] for name in trainable} == {"encoder", "projection", "xattn"}
+    assert {name.split(".")[0] for name in trainable} == {"encoder", "projection", "integration"}
     assert not trainable & {f"llm.{name}" for name, _ in model.llm.named_parameters()}
     assert all(not p.requires_grad for p in model.llm.parameters())
     task = client_task(cfg)
@@ -107,7 +107,7 @@ def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path
                         llm_user_tokens=user_tokens)
     cfg = phase_settings(config)
     model, arrays = initial_arrays(cfg)
-    assert model.xattn_at == [len(model.llm.model.layers) - 1]
+    assert model.integration.at == [len(model.llm.model.layers) - 1]
     content = RecordDict({"arrays": arrays, "config": ConfigRecord(
         {"server-round": 1, "noise-multiplier": 0.0, "delta": 0.0})})
     sent = call_client(config, "train.contextualize", content, partition=2).content["arrays"]

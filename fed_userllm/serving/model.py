@@ -152,8 +152,9 @@ class ServedModel:
         the catalogs, and the hash of the encoder whose outputs the model was trained on."""
         source = find_userllm(path)
         config = ContextualizeConfig.from_dict(source.config)
-        if config.integration == "text":
-            raise ValueError(f"{path}: a TextPrompt baseline (integration='text') takes no embeddings")
+        if config.method == "textprompt":
+            raise ValueError(f"{path}: a TextPrompt baseline (method='textprompt') reads the history as text and "
+                             "takes no embeddings: only User-LLM runs can be served")
         saved = source.folder / ENCODER_DIR  # folders written before every encoder was saved: the encoder run's
         encoder_dir = saved if saved.is_dir() else find_encoder(config.encoder).folder
         encoder = load_pretrained(encoder_dir, "cpu")

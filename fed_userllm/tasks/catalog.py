@@ -22,7 +22,8 @@ from torch import nn
 
 from fed_userllm.eval.ranking import ranking_sums
 from fed_userllm.models.constrained import TitleTrie
-from fed_userllm.models.userllm import UserLLM, decoder_layers
+from fed_userllm.models.integrations import CrossAttentionIntegration, decoder_layers
+from fed_userllm.models.userllm import UserLLM
 from fed_userllm.tasks.tasks import NextItem, list_ranks, prompt_cache
 
 
@@ -53,10 +54,11 @@ class CatalogScorer:
     def __init__(self, model: UserLLM, trie: TitleTrie, prompt: str, tokenizer, batch_size: int = 64):
         llm = model.llm
         last = len(decoder_layers(llm)) - 1
-        if model.config.integration != "xattn" or model.xattn_at != [last]:
+        blocks_at = model.integration.at if isinstance(model.integration, CrossAttentionIntegration) else []
+        if blocks_at != [last]:
             raise ValueError(f"the catalog objective needs one cross-attention block after the last decoder layer "
                              f"(xattn_layers=[-1]); this model has integration={model.config.integration!r}, "
-                             f"blocks after layers {getattr(model, 'xattn_at', [])}")
+                             f"blocks after layers {blocks_at}")
         if any(p.requires_grad for p in llm.parameters()):
             raise ValueError(f"strategy={model.config.strategy!r} trains the LLM, whose text states the catalog "
                              "objective caches: use strategy 'enc' or 'proj'")
@@ -159,7 +161,7 @@ class CatalogScorer:
             raise ValueError(f"items {items.tolist()[:8]}...: expected item ids of the title trie")
         rows, depth = self.path_mask.to(device)[items].nonzero(as_tuple=True)
         node = self.path_node.to(device)[items[rows], depth]
-        block = self.model.xattn[0]
+        block = self.model.integration.blocks[0]
         h = block(self.states[node][:, None], tokens[rows], mask[rows])[:, 0]
         h = self.norm(h.to(self.states.dtype)).float()
         weight, bias = self._head(device)
@@ -194,7 +196,7 @@ class CatalogScorer:
         pair = pair.masked_fill(~self.path_mask.to(device), len(node))  # padding -> an extra 0 score
         ranked = []
         for b in range(len(tokens)):
-            h = self.model.xattn[0](self.states[None], tokens[b:b + 1], mask[b:b + 1])[0]
+            h = self.model.integration.blocks[0](self.states[None], tokens[b:b + 1], mask[b:b + 1])[0]
             h = self.norm(h.to(self.states.dtype)).float()
             logits = (h[node] * weight[column]).sum(-1) + bias[column]
             top = torch.full((n_nodes,), float("-inf"), device=device).scatter_reduce(0, node, logits, "amax")

@@ -1,7 +1,8 @@
 """Phase two: contextualize an LLM with a pretrained user encoder on one task (User-LLM, Ning, Liu et al., 2024, §3-4).
 
 Trains a `UserLLM` (cross-attention or soft prompt; strategies full / lora / enc / proj) or, with
-``integration="text"``, the TextPrompt baseline (the history as text, the LLM fine-tuned fully or with LoRA).
+``method="textprompt"``, the TextPrompt baseline (`TextPromptLLM`: the history as text, the LLM fine-tuned fully
+or with LoRA).
 ``text_history_len > 0`` with a User-LLM integration is the long+short variant (AR50TP10: the encoder reads 50
 events, the prompt lists the 10 most recent). AdamW with linear warm-up and cosine decay (the paper: lr 1e-3,
 weight decay 1e-3), batches sampled per step from every training target, so a run is resumable step by step.
@@ -13,7 +14,7 @@ train on every example on a CPU. A run directory holds:
     config.json      the ContextualizeConfig
     metrics.jsonl    training loss every 10 steps; validation metrics every ``eval_every`` steps
     checkpoint.pt    trainable parameters + optimiser + scheduler + step
-    userllm/         the trained model (UserLLM.save_pretrained, or the LLM / LoRA adapter for TP)
+    userllm/         the trained model (UserLLM.save_pretrained or TextPromptLLM.save_pretrained)
     results.json     validation and test metrics on a fixed random subset of users
 
 (`fed_userllm.rundir` owns the names and writes them atomically.)
@@ -31,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -42,6 +42,7 @@ from fed_userllm.data.sequences import UserSequences
 from fed_userllm.eval.ranking import finalize
 from fed_userllm.models import load_pretrained
 from fed_userllm.models.llm import load_llm
+from fed_userllm.models.textprompt import TextPromptLLM
 from fed_userllm.models.userllm import ENCODER_DIR, UserLLM
 from fed_userllm.rundir import USERLLM, RunDir, find_encoder, find_userllm
 from fed_userllm.runtime import resolve_device
@@ -86,13 +87,9 @@ def dataset_task(name: str, dataset: str, max_len: int, tokenizer: PreTrainedTok
     return TASKS[name](seq or load_sequences(dataset, max_len=max_len), tokenizer, noun=noun)
 
 
-def build_userllm(config: ContextualizeConfig, seq: UserSequences, llm: PreTrainedModel) -> nn.Module:
-    """A fresh model to train. Takes ownership of ``llm`` (freezes it, may add LoRA or hooks)."""
-    if config.integration == "text":
-        if config.strategy == "lora":
-            lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM")  # as UserLLM's
-            return get_peft_model(llm, lora)
-        return llm.requires_grad_(True)
+def build_userllm(config: ContextualizeConfig, seq: UserSequences, llm: PreTrainedModel) -> UserLLM:
+    """A fresh User-LLM to train on the run's pretrained encoder. Takes ownership of ``llm`` (freezes it, may add
+    LoRA or hooks)."""
     encoder = load_pretrained(find_encoder(config.encoder).folder, next(llm.parameters()).device)
     if encoder.config.vocab_sizes != seq.vocab_sizes:
         raise ValueError(f"encoder vocab sizes {encoder.config.vocab_sizes} differ from the dataset's "
@@ -101,6 +98,11 @@ def build_userllm(config: ContextualizeConfig, seq: UserSequences, llm: PreTrain
         raise ValueError(f"history_len={config.history_len} exceeds the encoder's "
                          f"max_len={encoder.config.max_len}")
     return UserLLM(config.userllm_config(), encoder, llm)
+
+
+def build_textprompt(config: ContextualizeConfig, llm: PreTrainedModel) -> TextPromptLLM:
+    """A fresh TextPrompt baseline to train (it reads no encoder). Takes ownership of ``llm``."""
+    return TextPromptLLM(config.textprompt_config(), llm)
 
 
 def prepare(config: ContextualizeConfig,
@@ -112,6 +114,8 @@ def prepare(config: ContextualizeConfig,
     else:
         llm, tokenizer = copy.deepcopy(base[0]), base[1]
     task = load_task(config, tokenizer)
+    if config.method == "textprompt":
+        return build_textprompt(config, llm), task
     return build_userllm(config, task.seq, llm), task
 
 
@@ -151,25 +155,15 @@ def evaluate_model(model: nn.Module, task: Task, config: ContextualizeConfig, sp
     return finalize(sums)
 
 
-def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
-    """UserLLM: its own format. TextPrompt: the LoRA adapter, or the whole LLM and its tokenizer."""
-    model.save_pretrained(directory)
-    if not isinstance(model, UserLLM | PeftModel):
-        tokenizer.save_pretrained(directory)
-
-
 def load_model(path: str | Path, device: str = "auto") -> tuple[nn.Module, Task, ContextualizeConfig]:
     """The trained model of a finished contextualize or Flower run (or of its userllm/ folder), its task and
     its config."""
     source = find_userllm(path)
     config = ContextualizeConfig.from_dict(source.config)
     target = resolve_device(device)
-    if config.integration == "text" and config.strategy == "full":
-        llm, tokenizer = load_llm(str(source.folder), device=target)
-        return llm, load_task(config, tokenizer), config
     llm, tokenizer = load_llm(config.llm, device=target)
-    if config.integration == "text":
-        model: nn.Module = PeftModel.from_pretrained(llm, source.folder)
+    if config.method == "textprompt":
+        model: nn.Module = TextPromptLLM.from_pretrained(source.folder, llm=llm)
     else:
         old_frozen = config.strategy == "proj" and not (source.folder / ENCODER_DIR).is_dir()
         frozen = load_pretrained(find_encoder(config.encoder).folder, target) if old_frozen else None
@@ -213,8 +207,8 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
     examples = Examples(task, task.spans(None, "train", config.history_len), config.history_len,
                         config.text_history_len, config.max_target_tokens, catalog)
 
-    bar = tqdm(total=config.steps, initial=step, desc=f"{config.integration}/{config.task}",
-               disable=not progress)
+    trained = config.integration if config.method == "userllm" else config.method
+    bar = tqdm(total=config.steps, initial=step, desc=f"{trained}/{config.task}", disable=not progress)
     pending: list[float] = []  # per-step losses since the last log line
     periods = [p for p in (LOG_EVERY, config.checkpoint_every, config.eval_every) if p]
     while step < config.steps:
@@ -237,7 +231,7 @@ def contextualize(config: ContextualizeConfig, run_dir: str | Path, resume: bool
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             run.save_checkpoint(state)
     bar.close()
-    save_model(model, task.tokenizer, run / USERLLM)
+    model.save_pretrained(run / USERLLM)
     results = {"trainable_parameters": trainable_parameters(model), "train_seconds": seconds,
                "train_examples": len(examples.spans)}
     if config.eval_users:

@@ -1,20 +1,22 @@
 """The settings of a contextualization run (its config.json), importable without torch so the CLI can show
-them quickly. The closed sets name what `fed_userllm.tasks.TASKS` and `fed_userllm.models.userllm` implement."""
+them quickly. The closed sets name what `fed_userllm.tasks.TASKS`, `fed_userllm.models.userllm` (with the
+integrations of `fed_userllm.models.integrations`) and `fed_userllm.models.textprompt` implement."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fed_userllm.settings import check_choices, from_dict, setting
+from fed_userllm.settings import INTEGRATION_NAMES, check_choices, from_dict, setting
 
 TASK_NAMES = ("nextitem", "favgenre", "reviewg")
-INTEGRATIONS = ("xattn", "softprompt", "text")  # text: the TextPrompt baseline (no encoder)
+METHODS = ("userllm", "textprompt")
 STRATEGIES = ("full", "lora", "enc", "proj")
 USER_TOKENS = ("events", "next_item")
 OBJECTIVES = ("lm", "catalog")
 
 if TYPE_CHECKING:
+    from fed_userllm.models.textprompt import TextPromptConfig
     from fed_userllm.models.userllm import UserLLMConfig
 
 
@@ -22,15 +24,17 @@ if TYPE_CHECKING:
 class ContextualizeConfig:
     """Everything a contextualization run depends on (saved as the run's config.json)."""
 
+    method: str = setting("userllm", "userllm: the LLM reads the encoder's user tokens; textprompt: the TextPrompt "
+                                     "baseline (the history as text, the LLM fine-tuned, no encoder)", METHODS)
     encoder: str | None = setting(None, "pretraining run directory (config.json + best/); not used by "
-                                        "--integration text")
+                                        "--method textprompt")
     dataset: str | None = setting(None, "dataset (default: the encoder run's; ml-latest-small without an encoder)")
     llm: str | None = setting(None, "HF id, local folder or .gguf file (default: the embedded "
                                     "SmolLM2-135M-Instruct)")
     task: str = setting("nextitem", "nextitem, favgenre or reviewg (review folders)", TASK_NAMES)
-    integration: str = setting("xattn", "xattn: cross-attention, softprompt: user tokens before the prompt, "
-                                        "text: the TextPrompt baseline (the history as text, no encoder)",
-                               INTEGRATIONS)
+    integration: str = setting("xattn", "how user tokens enter the LLM: xattn (cross-attention) or softprompt "
+                                        "(before the prompt); the TextPrompt baseline has none (--method "
+                                        "textprompt)", INTEGRATION_NAMES)
     strategy: str = setting("enc", "what trains: full (everything), lora (LoRA on the LLM + encoder + "
                                    "projection), enc (encoder + projection, LLM frozen), proj (projection only)",
                             STRATEGIES)
@@ -66,12 +70,15 @@ class ContextualizeConfig:
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
+        if self.integration == "text":  # the spelling of runs written before TextPrompt was its own method
+            raise ValueError("integration='text': the TextPrompt baseline is method='textprompt' (it has no "
+                             "integration)")
         check_choices(self)
-        if self.objective == "catalog" and (self.task, self.integration, self.text_history_len) != (
-                "nextitem", "xattn", 0):
+        if self.objective == "catalog" and (self.task, self.integration, self.text_history_len, self.method) != (
+                "nextitem", "xattn", 0, "userllm"):
             raise ValueError("objective='catalog' scores NextItem titles from cached text states: it needs "
-                             "task='nextitem', integration='xattn', text_history_len=0 (got "
-                             f"{self.task!r}, {self.integration!r}, {self.text_history_len})")
+                             "task='nextitem', integration='xattn', text_history_len=0 of method='userllm' (got "
+                             f"{self.task!r}, {self.integration!r}, {self.text_history_len}, {self.method!r})")
         for name in ("num_latents", "history_len", "steps", "batch_size", "max_target_tokens",
                      "eval_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -87,13 +94,11 @@ class ContextualizeConfig:
         if self.text_history_len > self.history_len:
             raise ValueError(f"text_history_len={self.text_history_len} exceeds history_len="
                              f"{self.history_len}: the text history is the most recent part of the history")
-        if self.integration == "text":
-            if self.strategy not in ("full", "lora"):
-                raise ValueError(f"strategy={self.strategy!r}: the TextPrompt baseline (integration='text') "
-                                 "has no encoder or projection; expected 'full' or 'lora'")
+        if self.method == "textprompt":
             if self.text_history_len != self.history_len:
-                raise ValueError("integration='text' reads only the text history: expected text_history_len "
+                raise ValueError("method='textprompt' reads only the text history: expected text_history_len "
                                  f"== history_len, got {self.text_history_len} and {self.history_len}")
+            self.textprompt_config()  # its own checks, before anything is loaded
         elif self.encoder is None:
             raise ValueError(f"integration={self.integration!r} needs encoder= (a pretraining run directory)")
         else:
@@ -106,6 +111,12 @@ class ContextualizeConfig:
         return UserLLMConfig(llm=self.llm, integration=self.integration, perceiver=self.perceiver,
                              num_latents=self.num_latents, xattn_layers=self.xattn_layers,
                              user_tokens=self.user_tokens, strategy=self.strategy)
+
+    def textprompt_config(self) -> TextPromptConfig:
+        """The TextPrompt settings of this run (imported here: reading the settings needs no torch)."""
+        from fed_userllm.models.textprompt import TextPromptConfig
+
+        return TextPromptConfig(llm=self.llm, strategy=self.strategy, history_len=self.text_history_len)
 
     @classmethod
     def from_dict(cls, values: dict) -> ContextualizeConfig:
