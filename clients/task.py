@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fed_userllm.data import NUM_RESERVED, Partitioner, UserSequences, load_sequences
 from fed_userllm.eval.evaluate import evaluation_sums
-from fed_userllm.models import build_encoder
+from fed_userllm.models import build_encoder, public_items
 from fed_userllm.train.federated_config import FederatedConfig
 
 
@@ -30,7 +30,7 @@ def initial_encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> torch.
     ``item-features='public'`` every side computes the same frozen item table from the public catalog; only
     the trainable parameters are ever exchanged."""
     torch.manual_seed(cfg.seed)
-    return build_encoder(cfg, vocab_sizes)
+    return build_encoder(cfg, vocab_sizes, cfg.max_len, public_items(cfg, cfg.dataset))
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

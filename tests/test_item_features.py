@@ -82,7 +82,7 @@ def test_public_encoder_trains_projections_not_a_table_and_saves_its_features(tm
     vocabs = public_vocabularies(catalog)
     table = catalog_features(catalog, vocabs["item"]).astype(np.float32)
     sizes = {k: len(v) for k, v in vocabs.items()}
-    model = build_encoder(SIZES_8_16, sizes, table)
+    model = build_encoder(SIZES_8_16, sizes, SIZES_8_16.max_len, table)
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert not any("features" in n for n in trainable)
     assert trainable["embed.item.proj.weight"] == table.shape[1] * 8
@@ -108,9 +108,9 @@ def test_public_encoder_trains_projections_not_a_table_and_saves_its_features(tm
     torch.testing.assert_close(loaded.score_items(batch), model.eval().score_items(batch))
     assert json.loads((tmp_path / "m" / "config.json").read_text())["item_features"] == "public"
     with pytest.raises(ValueError, match="item_features has shape"):
-        build_encoder(SIZES_8_16, sizes, table[:, :3].T)
+        build_encoder(SIZES_8_16, sizes, SIZES_8_16.max_len, table[:, :3].T)
     with pytest.raises(ValueError, match="AR encoder"):
-        build_encoder(replace(SIZES_8_16, model="dual"), sizes, table)
+        build_encoder(replace(SIZES_8_16, model="dual"), sizes, SIZES_8_16.max_len, table)
 
 
 TINY = {**TINY_FEDERATION, "lr": 0.5, "dp-seed": 7, "phases": "pretrain", "item-features": "public",

@@ -22,24 +22,21 @@ ENCODERS = dict(zip(ENCODER_NAMES, ((ARUserEncoder, ARUserEncoderConfig), (DualE
                                      (BERT4Rec, BERT4RecConfig)), strict=True))
 
 
-def build_encoder(settings: EncoderSettings, vocab_sizes: dict[str, int], item_features: np.ndarray | None = None,
-                  **options) -> torch.nn.Module:
+def build_encoder(settings: EncoderArchitecture, vocab_sizes: dict[str, int], max_len: int,
+                  item_features: np.ndarray | None = None, **options) -> torch.nn.Module:
     """A fresh encoder as run ``settings`` describe it (``model``: ar | dual | bert4rec, and its sizes) for
-    windows of ``settings.max_len`` events (plus the target).
+    windows of ``max_len`` events (plus the target).
 
-    ``item_features`` [vocab, dim], the public item table (`fed_userllm.data.item_features`), makes the
-    encoder read and score items through it instead of a learned table; with ``settings.item_features ==
-    "public"`` it is computed from the public catalog of ``settings.dataset``. ``options`` are further fields of
-    the encoder's config (e.g. ``seen_offset`` of the AR encoder).
+    ``item_features`` [vocab, dim], the public item table (`public_items`), makes the encoder read and score
+    items through it instead of a learned table. ``options`` are further fields of the encoder's config (e.g.
+    ``seen_offset`` of the AR encoder).
     """
     if settings.model not in ENCODERS:
         raise ValueError(f"model={settings.model!r}: expected one of {sorted(ENCODERS)}")
-    if item_features is None and getattr(settings, "item_features", "learned") == "public":
-        item_features = public_item_table(settings.dataset, settings.item_features_llm)
     model_class, config_class = ENCODERS[settings.model]
     public = {} if item_features is None else {"item_features": "public",
                                                 "public_feature_dim": int(item_features.shape[1])}
-    config = with_item_dim(config_class(vocab_sizes=vocab_sizes, max_len=settings.max_len + 1,
+    config = with_item_dim(config_class(vocab_sizes=vocab_sizes, max_len=max_len + 1,
                                         d_model=settings.d_model, n_layers=settings.n_layers,
                                         n_heads=settings.n_heads, dropout=settings.dropout, **public, **options),
                            settings.item_dim)
@@ -48,16 +45,25 @@ def build_encoder(settings: EncoderSettings, vocab_sizes: dict[str, int], item_f
     return model_class(config, torch.from_numpy(np.asarray(item_features, dtype=np.float32)))
 
 
-class EncoderSettings(Protocol):
-    """What `build_encoder` reads of a run's settings (`PretrainConfig` and `FederatedConfig` both have it)."""
+def public_items(settings: EncoderArchitecture, dataset: str) -> np.ndarray | None:
+    """The public item table of ``dataset``'s catalog an encoder of ``settings`` reads (None: it learns a table)."""
+    if settings.item_features != "public":
+        return None
+    return public_item_table(dataset, settings.item_features_llm)
+
+
+class EncoderArchitecture(Protocol):
+    """What `build_encoder` reads of a run's settings (`PretrainConfig` and `FederatedConfig`
+    both have it)."""
 
     model: str
-    max_len: int
     d_model: int
     n_layers: int
     n_heads: int
     dropout: float
     item_dim: int
+    item_features: str
+    item_features_llm: str
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -71,5 +77,5 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tor
 
 __all__ = [
     "ENCODERS", "MODELS", "ARUserEncoder", "ARUserEncoderConfig", "BERT4Rec", "BERT4RecConfig", "DualEncoder",
-    "DualEncoderConfig", "Popularity", "PopularityConfig", "build_encoder", "load_pretrained",
+    "DualEncoderConfig", "Popularity", "PopularityConfig", "build_encoder", "load_pretrained", "public_items",
 ]

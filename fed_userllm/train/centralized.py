@@ -24,7 +24,7 @@ from tqdm import tqdm
 from fed_userllm.data import UserSequences, load_sequences
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.eval.ranking import finalize
-from fed_userllm.models import Popularity, PopularityConfig, build_encoder, load_pretrained
+from fed_userllm.models import Popularity, PopularityConfig, build_encoder, load_pretrained, public_items
 from fed_userllm.rundir import BEST, RunDir, find_encoder
 from fed_userllm.runtime import resolve_device, seed_everything
 from fed_userllm.train.pretrain_config import PretrainConfig
@@ -36,7 +36,7 @@ def build_model(config: PretrainConfig, seq: UserSequences) -> torch.nn.Module:
         return Popularity(PopularityConfig(vocab_sizes=seq.vocab_sizes))
     options = {"seen_offset": config.seen_offset, "label_smoothing": config.label_smoothing} \
         if config.model == "ar" else {}
-    return build_encoder(config, seq.vocab_sizes, **options)
+    return build_encoder(config, seq.vocab_sizes, config.max_len, public_items(config, config.dataset), **options)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float):
