@@ -63,19 +63,20 @@ class _Client:
 
     def __init__(self, context: Context) -> None:
         self.cfg = FederatedConfig.from_run_config(dict(context.run_config))
-        set_threads(self.cfg.threads)
-        self.device = resolve_device(self.cfg.device)
-        self.seq: UserSequences = load_data(self.cfg.dataset, self.cfg.max_len)
+        data = self.cfg.data
+        set_threads(self.cfg.runtime.threads)
+        self.device = resolve_device(self.cfg.runtime.device)
+        self.seq: UserSequences = load_data(data.dataset, data.max_len)
         if "partition-id" not in context.node_config:
             raise ValueError("node_config has no 'partition-id': start the SuperNode with "
                              "--node-config 'partition-id=<i> num-partitions=<n>'")
         self.partition_id = int(context.node_config["partition-id"])
-        num_clients = Partitioner(self.seq.num_users, self.cfg.users_per_client).num_clients
+        num_clients = Partitioner(self.seq.num_users, data.users_per_client).num_clients
         if not 0 <= self.partition_id < num_clients:
-            raise ValueError(f"partition-id={self.partition_id}, but dataset={self.cfg.dataset!r} with "
-                             f"users-per-client={self.cfg.users_per_client} has {num_clients} partitions "
+            raise ValueError(f"partition-id={self.partition_id}, but dataset={data.dataset!r} with "
+                             f"users-per-client={data.users_per_client} has {num_clients} partitions "
                              f"(0..{num_clients - 1}); run with num-supernodes={num_clients}")
-        self.users = client_users(self.cfg, self.seq, self.partition_id)
+        self.users = client_users(data, self.seq, self.partition_id)
 
     def model(self, message: Message) -> torch.nn.Module:
         model = initial_encoder(self.cfg, self.seq.vocab_sizes)
@@ -92,9 +93,9 @@ def describe(message: Message, context: Context) -> Message:
     ``num-examples`` (training windows of the whole federation, sample-level DP's delta) is treated as public
     like the number of clients.
     """
-    cfg = FederatedConfig.from_run_config(dict(context.run_config))
-    seq = load_data(cfg.dataset, cfg.max_len)
-    info = {"num-clients": Partitioner(seq.num_users, cfg.users_per_client).num_clients,
+    data = FederatedConfig.from_run_config(dict(context.run_config)).data
+    seq = load_data(data.dataset, data.max_len)
+    info = {"num-clients": Partitioner(seq.num_users, data.users_per_client).num_clients,
             "num-examples": len(seq.windows()),
             **{f"vocab-{name}": size for name, size in seq.vocab_sizes.items()}}
     return Message(RecordDict({"federation": MetricRecord(info)}), reply_to=message)
@@ -107,11 +108,11 @@ def train_pretrain(message: Message, context: Context) -> Message:
     client = _Client(context)
     cfg, config = client.cfg, message.content["config"]
     model = client.model(message)
-    seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), client.partition_id])
+    seed = int(np.random.SeedSequence([cfg.runtime.seed, int(config["server-round"]), client.partition_id])
                .generate_state(1)[0])
     sigma, delta = float(config["noise-multiplier"]), float(config["delta"])
-    history = _dp_sgd_history(context, cfg, client, sigma, delta) if cfg.dp == "sample" else None
-    result = train_local(model, client.seq, client.users, cfg, seed, sigma, client.device)
+    history = _dp_sgd_history(context, cfg, client, sigma, delta) if cfg.dp.mode == "sample" else None
+    result = train_local(model, client.seq, client.users, cfg.pretrain, cfg.dp, seed, sigma, client.device)
     if history is None:
         metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "steps": result.steps}
     else:
@@ -141,7 +142,7 @@ def train_popularity(message: Message, context: Context) -> Message:
     counts = message.content["arrays"]
     if list(counts.keys()) != ["counts"]:
         raise ValueError(f"train.popularity expects arrays ['counts'], got {list(counts.keys())}")
-    update = popularity_update(client.seq, client.users, client.cfg.clip_norm)
+    update = popularity_update(client.seq, client.users, client.cfg.dp.clip_norm)
     arrays = ArrayRecord({"counts": Array(counts["counts"].numpy() + update)})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1, "steps": 0})}),
                    reply_to=message)
@@ -163,14 +164,14 @@ def train_contextualize(message: Message, context: Context) -> Message:
     """Local steps on the client's own task examples; reply: the trainable tensors + {num-examples,
     train-loss, steps}."""
     client = _Client(context)
-    cfg, config = client.cfg.for_phase("contextualize"), message.content["config"]
+    cfg, config = client.cfg, message.content["config"]
     model = contextualize.shared_userllm(cfg, client.seq.vocab_sizes).model
     set_arrays(model, message.content["arrays"])
-    seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), client.partition_id,
-                                           streams.LLM_TRAINING])
+    seed = int(np.random.SeedSequence([cfg.runtime.seed, int(config["server-round"]), client.partition_id,
+                                       streams.LLM_TRAINING])
                .generate_state(1)[0])
     loss, examples = contextualize.train_local(model, contextualize.client_task(cfg), client.users, cfg, seed)
-    metrics = {"num-examples": examples, "train-loss": loss, "steps": cfg.local_steps}
+    metrics = {"num-examples": examples, "train-loss": loss, "steps": cfg.contextualize.local_steps}
     return Message(RecordDict({"arrays": get_arrays(model), "metrics": MetricRecord(metrics)}), reply_to=message)
 
 
@@ -178,7 +179,7 @@ def train_contextualize(message: Message, context: Context) -> Message:
 def evaluate_contextualize(message: Message, context: Context) -> Message:
     """Task metric sums and ``n`` on the client's own ``split`` targets (constrained decoding, all titles)."""
     client = _Client(context)
-    cfg = client.cfg.for_phase("contextualize")
+    cfg = client.cfg
     model = contextualize.shared_userllm(cfg, client.seq.vocab_sizes).model
     set_arrays(model, message.content["arrays"])
     sums = contextualize.evaluate_local(model, contextualize.client_task(cfg), client.users,
@@ -197,12 +198,12 @@ def _dp_sgd_history(context: Context, cfg: FederatedConfig, client: _Client, noi
     """
     state = context.state.get("dp-sgd", ConfigRecord({"sigma": [], "q": [], "steps": []}))
     history = list(zip(state["sigma"], state["q"], state["steps"], strict=True))
-    sample_rate, steps = local_plan(len(client.seq.windows(client.users)), cfg)
+    sample_rate, steps = local_plan(len(client.seq.windows(client.users)), cfg.pretrain)
     history.append((noise_multiplier, sample_rate, steps))
-    if cfg.target_epsilon:
-        spent = epsilon_from_history(history, delta, cfg.accountant)
-        if spent > cfg.target_epsilon:
+    if cfg.dp.target_epsilon:
+        spent = epsilon_from_history(history, delta, cfg.dp.accountant)
+        if spent > cfg.dp.target_epsilon:
             raise PrivacyBudgetExceeded(
                 f"client {client.partition_id} refuses round {len(history)}: its DP-SGD epsilon would reach "
-                f"{spent:.4g} > target-epsilon={cfg.target_epsilon} (delta={delta:.3g})")
+                f"{spent:.4g} > target-epsilon={cfg.dp.target_epsilon} (delta={delta:.3g})")
     return history

@@ -49,7 +49,7 @@ class SharedUserLLM:
 
 
 def shared_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> SharedUserLLM:
-    """The process's UserLLM for ``cfg`` (the contextualize phase's settings), built on first use.
+    """The process's UserLLM for ``cfg`` (its LLM settings and encoder), built on first use.
 
     One per process on purpose: `UserLLM` hooks its cross-attention into the LLM's layers, so each model
     needs its own LLM, and loading SmolLM2 takes seconds and half a gigabyte.
@@ -59,11 +59,11 @@ def shared_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> SharedU
 
 @lru_cache(maxsize=1)
 def _build(cfg: FederatedConfig, vocab_items: tuple[tuple[str, int], ...]) -> SharedUserLLM:
-    llm, tokenizer = load_llm(cfg.llm, device=resolve_device(cfg.device))
-    encoder = initial_encoder(cfg, dict(vocab_items))  # seeds torch with cfg.seed: the new layers are seeded too
-    config = UserLLMConfig(llm=cfg.llm, integration=cfg.llm_integration, xattn_ffn=cfg.llm_xattn_ffn,
-                           xattn_layers=[-1] if cfg.llm_objective == "catalog" else None,
-                           user_tokens=cfg.llm_user_tokens, perceiver=cfg.llm_user_tokens == "events")
+    llm, tokenizer = load_llm(cfg.llm.model, device=resolve_device(cfg.runtime.device))
+    encoder = initial_encoder(cfg, dict(vocab_items))  # seeds torch with the run's seed: the new layers too
+    config = UserLLMConfig(llm=cfg.llm.model, integration=cfg.llm.integration, xattn_ffn=cfg.llm.xattn_ffn,
+                           xattn_layers=[-1] if cfg.llm.objective == "catalog" else None,
+                           user_tokens=cfg.llm.user_tokens, perceiver=cfg.llm.user_tokens == "events")
     model = UserLLM(config, encoder, llm)
     return SharedUserLLM(model, tokenizer, trainable_state(model))
 
@@ -71,8 +71,9 @@ def _build(cfg: FederatedConfig, vocab_items: tuple[tuple[str, int], ...]) -> Sh
 @lru_cache(maxsize=1)
 def client_task(cfg: FederatedConfig) -> Task:
     """The phase's task over the client's copy of the dataset (NextItem builds its title trie once)."""
-    seq = load_data(cfg.dataset, cfg.max_len)
-    return dataset_task(cfg.llm_task, cfg.dataset, cfg.max_len, shared_userllm(cfg, seq.vocab_sizes).tokenizer,
+    data = cfg.data
+    seq = load_data(data.dataset, data.max_len)
+    return dataset_task(cfg.llm.task, data.dataset, data.max_len, shared_userllm(cfg, seq.vocab_sizes).tokenizer,
                         seq=seq)
 
 
@@ -102,16 +103,17 @@ def initial_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], encoder_s
 
 def train_local(model: UserLLM, task: Task, users: np.ndarray, cfg: FederatedConfig,
                 seed: int) -> tuple[float, int]:
-    """``local-steps`` AdamW steps on the users' own task examples; (mean loss, number of examples).
+    """``llm-local-steps`` AdamW steps on the users' own task examples; (mean loss, number of examples).
 
     A fresh optimiser every round (nothing about a client persists on the server side); batches of
-    ``batch-size`` examples drawn from (seed, step), as in the local trainer.
+    ``llm-batch-size`` examples drawn from (seed, step), as in the local trainer.
     """
-    catalog = catalog_scorer(model, task) if cfg.llm_objective == "catalog" else None
-    examples = Examples(task, task.spans(users, "train", cfg.max_len), cfg.max_len, catalog=catalog)
+    phase, max_len = cfg.contextualize, cfg.data.max_len
+    catalog = catalog_scorer(model, task) if cfg.llm.objective == "catalog" else None
+    examples = Examples(task, task.spans(users, "train", max_len), max_len, catalog=catalog)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=ContextualizeConfig.weight_decay)
-    loss = local_train_steps(model, examples, cfg.local_steps, optimizer, cfg.batch_size, seed=seed)
+    optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=ContextualizeConfig.weight_decay)
+    loss = local_train_steps(model, examples, phase.local_steps, optimizer, phase.batch_size, seed=seed)
     return loss, len(examples.spans)
 
 
@@ -119,7 +121,8 @@ def evaluate_local(model: UserLLM, task: Task, users: np.ndarray, split: str,
                    cfg: FederatedConfig) -> dict[str, float]:
     """Summed task metrics (NextItem: Recall@1/5/10 hits, NDCG@10; FavGenre: hits) and ``n`` on ``split``;
     a catalog model ranks every title exactly, any other decodes by constrained beam search."""
-    spans = task.spans(users, split, cfg.max_len)
-    if cfg.llm_objective == "catalog":
-        return catalog_scorer(model, task).evaluate(task, spans, cfg.max_len)
-    return evaluate(model, task, spans, cfg.max_len, batch_size=ContextualizeConfig.eval_batch_size)
+    max_len = cfg.data.max_len
+    spans = task.spans(users, split, max_len)
+    if cfg.llm.objective == "catalog":
+        return catalog_scorer(model, task).evaluate(task, spans, max_len)
+    return evaluate(model, task, spans, max_len, batch_size=ContextualizeConfig.eval_batch_size)

@@ -31,13 +31,14 @@ def inject_faults(message: Message, context: Context, call_next: ClientAppCallab
     if not message.metadata.message_type.startswith("train"):
         return reply
     cfg = FederatedConfig.from_run_config(dict(context.run_config))
-    if not cfg.fault_rate:
+    if not cfg.faults.fault_rate:
         return reply
     server_round = int(message.content["config"]["server-round"])
     partition = int(context.node_config["partition-id"])
-    if np.random.default_rng([cfg.seed, server_round, partition, streams.FAULTS]).random() >= cfg.fault_rate:
+    draw = np.random.default_rng([cfg.runtime.seed, server_round, partition, streams.FAULTS]).random()
+    if draw >= cfg.faults.fault_rate:
         return reply
-    if cfg.fault_kind == "error":
+    if cfg.faults.fault_kind == "error":
         raise InjectedFault(f"injected fault: client {partition} crashed in round {server_round}")
-    time.sleep(cfg.round_timeout)
+    time.sleep(cfg.faults.round_timeout)
     return reply

@@ -22,15 +22,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from fed_userllm.data import NUM_RESERVED, Partitioner, UserSequences, load_sequences
 from fed_userllm.eval.evaluate import evaluation_sums
 from fed_userllm.models import build_encoder, public_items
-from fed_userllm.train.federated_config import FederatedConfig
+from fed_userllm.train.federated_config import DataSettings, DPSettings, FederatedConfig, PhaseSettings
 
 
 def initial_encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> torch.nn.Module:
-    """A fresh encoder of ``cfg.model`` (seeded by ``cfg.seed``, so server and tests agree on round 0). With
+    """A fresh encoder of ``cfg.encoder`` (seeded by the run's seed, so server and tests agree on round 0). With
     ``item-features='public'`` every side computes the same frozen item table from the public catalog; only
     the trainable parameters are ever exchanged."""
-    torch.manual_seed(cfg.seed)
-    return build_encoder(cfg, vocab_sizes, cfg.max_len, public_items(cfg, cfg.dataset))
+    torch.manual_seed(cfg.runtime.seed)
+    return build_encoder(cfg.encoder, vocab_sizes, cfg.data.max_len, public_items(cfg.encoder, cfg.data.dataset))
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -65,9 +65,9 @@ def load_data(dataset: str, max_len: int) -> UserSequences:
     return load_sequences(dataset, max_len=max_len)
 
 
-def client_users(cfg: FederatedConfig, seq: UserSequences, partition_id: int) -> np.ndarray:
+def client_users(data: DataSettings, seq: UserSequences, partition_id: int) -> np.ndarray:
     """The user indices this client holds: its partition, and nothing else."""
-    return Partitioner(seq.num_users, cfg.users_per_client, cfg.partition_seed).users(partition_id)
+    return Partitioner(seq.num_users, data.users_per_client, data.partition_seed).users(partition_id)
 
 
 def popularity_update(seq: UserSequences, users: np.ndarray, clip_norm: float) -> np.ndarray:
@@ -92,18 +92,18 @@ class LocalResult:
     sample_rate: float  # DP-SGD Poisson rate (1/batches per epoch); 1.0 without DP-SGD
 
 
-def local_plan(num_windows: int, cfg: FederatedConfig) -> tuple[float, int]:
-    """(DP-SGD sample rate, optimizer steps) of a client's round on ``num_windows`` windows, known before it
-    trains: Opacus samples each window with probability 1 / (batches per epoch)."""
-    batches = math.ceil(num_windows / cfg.batch_size)
-    return 1 / batches, cfg.local_steps or cfg.local_epochs * batches
+def local_plan(num_windows: int, phase: PhaseSettings) -> tuple[float, int]:
+    """(DP-SGD sample rate, optimizer steps) of a client's round of ``phase`` on ``num_windows`` windows, known
+    before it trains: Opacus samples each window with probability 1 / (batches per epoch)."""
+    batches = math.ceil(num_windows / phase.batch_size)
+    return 1 / batches, phase.local_steps or phase.local_epochs * batches
 
 
-def train_local(model: torch.nn.Module, seq: UserSequences, users: np.ndarray, cfg: FederatedConfig,
-                seed: int, noise_multiplier: float, device: torch.device) -> LocalResult:
+def train_local(model: torch.nn.Module, seq: UserSequences, users: np.ndarray, phase: PhaseSettings,
+                dp: DPSettings, seed: int, noise_multiplier: float, device: torch.device) -> LocalResult:
     """Train on the clients' own windows with SGD: ``local_steps`` steps if > 0, else ``local_epochs`` epochs.
 
-    With ``cfg.dp == "sample"`` this is DP-SGD via Opacus (per-window clipping to ``clip_norm``, Gaussian
+    With ``dp.mode == "sample"`` this is DP-SGD via Opacus (per-window clipping to ``clip_norm``, Gaussian
     noise, Poisson batches with rate batch_size/windows). Its batches and noise come from a generator
     seeded by the OS, never by ``seed``: whoever knows the seed could otherwise subtract the noise.
     """
@@ -111,23 +111,23 @@ def train_local(model: torch.nn.Module, seq: UserSequences, users: np.ndarray, c
     if len(windows) == 0:
         raise ValueError(f"users {users.tolist()} have no training windows (each needs >= 4 events)")
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    _, total = local_plan(len(windows), cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=phase.lr)
+    _, total = local_plan(len(windows), phase)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     loader, sample_rate = None, 1.0
-    if cfg.dp == "sample":
+    if dp.mode == "sample":
         secret = torch.Generator().manual_seed(secrets.randbits(63))
-        loader = DataLoader(TensorDataset(torch.arange(len(windows))), batch_size=cfg.batch_size,
+        loader = DataLoader(TensorDataset(torch.arange(len(windows))), batch_size=phase.batch_size,
                             generator=secret)
-        _, optimizer, loader = PrivacyEngine(accountant=cfg.accountant).make_private(
+        _, optimizer, loader = PrivacyEngine(accountant=dp.accountant).make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=cfg.clip_norm, poisson_sampling=True,
+            max_grad_norm=dp.clip_norm, poisson_sampling=True,
             noise_generator=torch.Generator().manual_seed(secrets.randbits(63)))
         sample_rate = loader.sample_rate
     losses, steps = [], 0
     while steps < total:
-        epoch = loader if loader is not None else _shuffled_batches(len(windows), cfg.batch_size, rng)
+        epoch = loader if loader is not None else _shuffled_batches(len(windows), phase.batch_size, rng)
         for (idx,) in epoch:
             batch = {k: v.to(device) for k, v in seq.training_batch(windows[idx.numpy()]).items()}
             loss = model.loss(batch)

@@ -5,7 +5,8 @@ Three kinds of run write a run directory, told apart by their config.json:
 
     pretrain        `fed-userllm pretrain`: config.json is a PretrainConfig; the model is best/
     contextualize   `fed-userllm contextualize`: config.json is a ContextualizeConfig; the model is userllm/
-    flower          the Flower app: config.json holds {"settings": ...}; models popularity/, final/, userllm/
+    flower          the Flower app: config.json holds {"settings": ...} (`flower_settings`); models popularity/,
+                    final/, userllm/
 
 Every kind has config.json, metrics.jsonl (one JSON line per epoch, logging step or round), checkpoint.pt
 (the latest resumable state, replaced atomically) and results.json (final metrics). A User-LLM model folder
@@ -90,12 +91,12 @@ class RunDir:
             return PRETRAIN
         raise ValueError(f"{self.config}: not the config of a pretrain, contextualize or Flower run")
 
-    def check_resume(self, settings, resume: bool, *, section: str | None = None, resume_flag: str = "--resume",
-                     out_flag: str = "--out", require_run: bool = False) -> bool:
+    def check_resume(self, settings, resume: bool, *, read_saved: Callable[[dict], dict] | None = None,
+                     resume_flag: str = "--resume", out_flag: str = "--out", require_run: bool = False) -> bool:
         """Whether this continues a run. A run already here is continued only with ``resume`` and the same
         ``settings``: a settings dataclass (the saved config.json is read through its ``from_dict``, so
-        settings added since the run was written take their defaults), or a dict saved under ``section``.
-        ``require_run``: resuming nothing is an error too."""
+        settings added since the run was written take their defaults), or a dict compared with what
+        ``read_saved`` reads of config.json. ``require_run``: resuming nothing is an error too."""
         if not self.exists():
             if resume and require_run:
                 raise FileNotFoundError(f"{resume_flag} but {out_flag}={str(self.path)!r} holds no run "
@@ -105,8 +106,8 @@ class RunDir:
             raise FileExistsError(f"{out_flag}={str(self.path)!r} already holds a run: set {resume_flag} to "
                                   f"continue it, or choose another {out_flag}")
         saved = self.read_config()
-        if section is not None:
-            saved = saved[section]
+        if read_saved is not None:
+            saved = read_saved(saved)
         if is_dataclass(settings):
             settings, saved = asdict(settings), asdict(type(settings).from_dict(saved))
         changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
@@ -220,7 +221,8 @@ def _dataset_of(run: RunDir) -> tuple[str | None, int | None]:
     config = run.read_config()
     kind = run.kind
     if kind == FLOWER:
-        return config["settings"]["dataset"], config["settings"]["max_len"]
+        data = flower_settings(config)["data"]
+        return data["dataset"], data["max_len"]
     if kind == PRETRAIN:
         return config["dataset"], config["max_len"]
     encoder = find_encoder(config["encoder"]) if config.get("encoder") else None
@@ -262,13 +264,21 @@ def flower_contextualize_settings(run: RunDir) -> dict:
     fields (the run itself is the encoder source: its userllm/encoder, else final/)."""
     from fed_userllm.train.contextualize_config import ContextualizeConfig
 
-    s = run.read_config()["settings"]
-    catalog = s["llm_objective"] == "catalog"
+    settings = flower_settings(run.read_config())
+    data, llm = settings["data"], settings["llm"]
     return asdict(ContextualizeConfig(
-        encoder=str(run.path), dataset=s["dataset"], llm=s["llm"], task=s["llm_task"],
-        integration=s["llm_integration"], history_len=s["max_len"], user_tokens=s["llm_user_tokens"],
-        perceiver=s["llm_user_tokens"] == "events", objective=s["llm_objective"],
-        xattn_layers=[-1] if catalog else None))
+        encoder=str(run.path), dataset=data["dataset"], llm=llm["model"], task=llm["task"],
+        integration=llm["integration"], history_len=data["max_len"], user_tokens=llm["user_tokens"],
+        perceiver=llm["user_tokens"] == "events", objective=llm["objective"],
+        xattn_layers=[-1] if llm["objective"] == "catalog" else None))
+
+
+def flower_settings(config: dict) -> dict:
+    """The nested settings of a Flower run's config.json (`fed_userllm.train.federated_config`); a run saved
+    before the settings were nested is read too."""
+    from fed_userllm.train.federated_config import saved_settings
+
+    return saved_settings(config["settings"])
 
 
 def list_runs(root: str | Path) -> list[tuple[RunDir, str]]:

@@ -106,6 +106,7 @@ def run_local(overrides: dict, app_dir: Path = APP) -> Path:
     """Run the Flower app's ServerApp over a `LocalGrid` of one node per partition; return the run dir."""
     config = {**app_defaults(app_dir), **overrides}
     cfg = FederatedConfig.from_run_config(config)
-    seq = load_data(cfg.dataset, cfg.max_len)
-    num_nodes = Partitioner(seq.num_users, cfg.users_per_client, cfg.partition_seed).num_clients
+    data = cfg.data
+    seq = load_data(data.dataset, data.max_len)
+    num_nodes = Partitioner(seq.num_users, data.users_per_client, data.partition_seed).num_clients
     return run(LocalGrid(config, num_nodes), cfg)

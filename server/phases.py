@@ -22,7 +22,7 @@ class Phase:
     """A federated phase: its client handlers (by message type) and the model it trains.
 
     ``initial_model(settings, vocabulary sizes, run directory)`` gives the phase's starting model; only its
-    trainable parameters are exchanged. The phase runs with ``cfg.for_phase(name)``: its own rounds, q,
+    trainable parameters are exchanged. The phase runs with its own settings, ``cfg.phase(name)``: rounds, q,
     learning rates and evaluation share.
     """
 
@@ -49,7 +49,7 @@ def _popularity(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path
 def _encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
     """A fresh user encoder (pretrain); after a popularity phase its item bias is the released prior."""
     model = initial_encoder(cfg, vocab_sizes)
-    if "popularity" in cfg.phase_names:
+    if "popularity" in cfg.phases:
         with torch.no_grad():
             prior = item_prior(run_dir, cfg)
             model.unembed["item"].bias.copy_(prior - prior.mean())
@@ -62,15 +62,16 @@ def item_prior(run_dir: Path, cfg: FederatedConfig) -> torch.Tensor:
     release = Popularity.from_pretrained(run_dir / PHASES["popularity"].output)
     saved = RunDir(run_dir).read_config()
     sigma, n = saved["privacy"]["noise_multiplier"], saved["num_clients"]
-    noise_std = sigma * cfg.clip_norm / (cfg.popularity_fraction_train * n * math.sqrt(cfg.popularity_rounds))
-    floor = 0.5 * noise_std if noise_std > 0 else 1e-3 * cfg.clip_norm / n
+    phase, clip_norm = cfg.popularity, cfg.dp.clip_norm
+    noise_std = sigma * clip_norm / (phase.fraction_train * n * math.sqrt(phase.rounds))
+    floor = 0.5 * noise_std if noise_std > 0 else 1e-3 * clip_norm / n
     return release.log_prior(floor)
 
 
 def _userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], run_dir: Path) -> torch.nn.Module:
     """The UserLLM to contextualize (frozen LLM loaded on the server too: it saves the result), starting from
     this run's pretrained encoder, or from ``encoder`` when the run has no pretrain phase."""
-    source = run_dir / PHASES["pretrain"].output if "pretrain" in cfg.phase_names else cfg.encoder
+    source = run_dir / PHASES["pretrain"].output if "pretrain" in cfg.phases else cfg.encoder.pretrained
     return initial_userllm(cfg, vocab_sizes, source)
 
 

@@ -19,11 +19,20 @@ import torch
 from safetensors.torch import load_file
 
 from fed_userllm.privacy import USER_LEVEL, audit
-from fed_userllm.rundir import AUDIT_JSON, AUDIT_TEXT, CONFIG, LEDGER, OPERATOR_PRIVATE, RELEASE_README, RunDir
+from fed_userllm.rundir import (
+    AUDIT_JSON,
+    AUDIT_TEXT,
+    CONFIG,
+    LEDGER,
+    OPERATOR_PRIVATE,
+    RELEASE_README,
+    RunDir,
+    flower_settings,
+)
 from fed_userllm.runtime import atomic_write_bytes
 from fed_userllm.server.phases import PHASES
 
-SECRET_SETTINGS = ("dp_seed",)
+SECRET_SETTINGS = (("dp", "seed"),)  # (part, field) of the nested settings
 OPERATOR_PRIVATE_TEXT = """\
 # Operator-private: do not publish this folder
 
@@ -58,15 +67,15 @@ def release(run_dir: str | Path, out: str | Path) -> Path:
     if out.exists():
         raise FileExistsError(f"--out {out} already exists: choose a new folder")
     config = RunDir(run_dir).read_config()
-    settings = config["settings"]
-    if settings["dp"] == "none":
+    settings = flower_settings(config)
+    if settings["dp"]["mode"] == "none":
         raise ReleaseRefused(f"{run_dir} was trained with dp='none': no privacy guarantee covers it, so there is "
                              "nothing to release under one")
-    if settings["dp_seed"]:
-        raise ReleaseRefused(f"{run_dir} was trained with the fixed dp-seed={settings['dp_seed']}: anyone who "
+    if settings["dp"]["seed"]:
+        raise ReleaseRefused(f"{run_dir} was trained with the fixed dp-seed={settings['dp']['seed']}: anyone who "
                              "guesses it can recompute the cohorts and subtract the noise, so its epsilon does not "
                              "hold. Retrain with dp-seed=0 (a secret seed)")
-    phases = [p.strip() for p in settings["phases"].split(",") if p.strip()]
+    phases = settings["phases"]
     checkpoint = _finished_checkpoint(run_dir, phases)
     report = audit(run_dir, expected_head_hash=checkpoint.get("ledger_head"))
     if not report.ok:
@@ -80,7 +89,7 @@ def release(run_dir: str | Path, out: str | Path) -> Path:
     try:
         for folder in folders:
             shutil.copytree(run_dir / folder, staging / folder)
-        public = {**config, "settings": {k: v for k, v in settings.items() if k not in SECRET_SETTINGS}}
+        public = {**config, "settings": _public_settings(settings)}
         released = RunDir(staging)
         released.write_config(public)
         shutil.copyfile(run_dir / LEDGER, released.ledger)
@@ -91,6 +100,12 @@ def release(run_dir: str | Path, out: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _public_settings(settings: dict) -> dict:
+    """The nested settings without `SECRET_SETTINGS`."""
+    return {part: {k: v for k, v in values.items() if (part, k) not in SECRET_SETTINGS}
+            if isinstance(values, dict) else values for part, values in settings.items()}
 
 
 def _finished_checkpoint(run_dir: Path, phases: list[str]) -> dict:

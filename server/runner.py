@@ -55,7 +55,7 @@ from fed_userllm.privacy import (
     release_digest,
 )
 from fed_userllm.privacy.budget import Budget, Privacy, charged_after, ledger_key, open_ledger, resolve_privacy
-from fed_userllm.rundir import OPERATOR_PRIVATE, RunDir
+from fed_userllm.rundir import OPERATOR_PRIVATE, RunDir, flower_settings
 from fed_userllm.runtime import (
     atomic_write_bytes,
     set_threads,
@@ -72,10 +72,10 @@ from fed_userllm.server.strategy import (
     set_server_lr,
     strategy_state,
 )
-from fed_userllm.train.federated_config import PHASE_NAMES, FederatedConfig
+from fed_userllm.train.federated_config import KEYS, PHASE_NAMES, FederatedConfig, run_config_of
 
-# Settings that may differ when resuming (they do not change what is computed).
-RESUMABLE = ("resume", "run_dir", "round_timeout", "max_in_flight", "threads", "device")
+# Run-config keys that may differ when resuming (they do not change what is computed); not saved.
+RESUMABLE = ("resume", "run-dir", "round-timeout", "max-in-flight", "threads", "device")
 RETRIES = 2  # on-short-round="retry": fresh cohorts tried before the run stops
 METRIC_ORDER = ("recall@1", "recall@5", "recall@10", "ndcg@10", "fav_genre", "n")
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ NO_EVALUATION = ("not run under dp='sample': the server is the adversary there, 
 
 def run(grid: Grid, cfg: FederatedConfig) -> Path:
     """Run every phase of ``cfg`` (or resume them) and return the run directory."""
-    set_threads(cfg.threads)
+    set_threads(cfg.runtime.threads)
     run = resolve_run_dir(cfg)
     run_dir = run.path
     federation = describe_federation(grid, cfg)
@@ -105,14 +105,15 @@ def run(grid: Grid, cfg: FederatedConfig) -> Path:
     ledger = open_ledger(run_dir, cfg, federation.num_clients, privacy, ckpt.get("ledger_head"))
     state = RunState(grid, cfg, run_dir, federation,
                      Budget(privacy, ledger, charged_after(ledger, ckpt.get("ledger_head"))),
-                     cfg.dp_seed or ckpt.get("dp_seed") or secrets.randbits(63), ckpt.get("completed", []))
+                     cfg.dp.seed or ckpt.get("dp_seed") or secrets.randbits(63), ckpt.get("completed", []))
     log(INFO, "fed-userllm: run directory %s (%s)", run_dir, "resumed" if ckpt else "new")
     if not ckpt:
         state.checkpoint({})  # the secret seed first, so even a crash in round 1 is redone identically
-    log(INFO, "fed-userllm: %d clients, dp=%s, noise multiplier %.4g, delta %s, strategy %s, phases %s",
-        federation.num_clients, cfg.dp, privacy.noise_multiplier, privacy.delta, cfg.strategy,
-        ", ".join(f"{name} (q={cfg.for_phase(name).fraction_train:g})" for name in cfg.phase_names))
-    results = {name: state.run_phase(PHASES[name], ckpt) for name in cfg.phase_names
+    log(INFO, "fed-userllm: %d clients, dp=%s, noise multiplier %.4g, delta %s, phases %s",
+        federation.num_clients, cfg.dp.mode, privacy.noise_multiplier, privacy.delta,
+        ", ".join(f"{name} (q={cfg.phase(name).fraction_train:g}, {cfg.phase(name).strategy})"
+                  for name in cfg.phases))
+    results = {name: state.run_phase(PHASES[name], ckpt) for name in cfg.phases
                if name not in state.completed}
     run.save_checkpoint({k: v for k, v in run.load_checkpoint(weights_only=False).items()
                          if k != "dp_seed"})  # done: the secret seed is no longer needed, drop it
@@ -122,7 +123,7 @@ def run(grid: Grid, cfg: FederatedConfig) -> Path:
     for name, test in results.items():
         log(INFO, "fed-userllm:   results  %s [%s, test] %s (operator-private)", run.results, name,
             _fmt(test) if test is not None else NO_EVALUATION)
-    for name in cfg.phase_names:
+    for name in cfg.phases:
         log(INFO, "fed-userllm:   model    %s [%s]", run / PHASES[name].output, name)
     if state.ledger is not None:
         report = run.privacy_report
@@ -161,22 +162,23 @@ class RunState:
     @property
     def federated_evaluation(self) -> bool:
         """Clients score their held-out targets for the server, except under DP-SGD (the server is the adversary)."""
-        return self.cfg.dp != "sample"
+        return self.cfg.dp.mode != "sample"
 
     def run_phase(self, phase: Phase, ckpt: dict) -> dict[str, float] | None:
-        """Train ``phase`` for ``num-rounds`` rounds (continuing a checkpoint of it); return test metrics (None
-        without federated evaluation)."""
-        cfg = self.cfg.for_phase(phase.name)
+        """Train ``phase`` for its rounds (continuing a checkpoint of it); return test metrics (None without
+        federated evaluation)."""
+        cfg, settings = self.cfg, self.cfg.phase(phase.name)
         model = phase.initial_model(cfg, self.federation.vocab_sizes, self.run_dir)
         arrays = get_arrays(model)
         sizes = _exchange_sizes(phase, cfg, model, arrays, len(self.federation.nodes))
-        strategy = build_strategy(cfg, _phase_seed(self.dp_seed, phase.name), self.privacy.noise_multiplier)
+        strategy = build_strategy(settings, cfg.dp, _phase_seed(self.dp_seed, phase.name),
+                                  self.privacy.noise_multiplier)
         strategy.message_type = phase.train_type
         initial = {k: v.numpy() for k, v in arrays.items()}
         canaries = None
-        if cfg.canaries and self.privacy.mechanism == USER_LEVEL:
-            canaries = Canaries.for_arrays(canary_seed(self.dp_seed, phase.name), cfg.canaries, initial,
-                                           cfg.clip_norm, cfg.fraction_train)
+        if cfg.dp.canaries and self.privacy.mechanism == USER_LEVEL:
+            canaries = Canaries.for_arrays(canary_seed(self.dp_seed, phase.name), cfg.dp.canaries, initial,
+                                           cfg.dp.clip_norm, settings.fraction_train)
             strategy.canaries = canaries
         done = 0
         if ckpt.get("phase") == phase.name:
@@ -185,22 +187,23 @@ class RunState:
             done = ckpt["round"]
             log(INFO, "fed-userllm: resuming phase %s after round %d", phase.name, done)
         self.run.keep_metrics(lambda r: r["phase"] != phase.name or r["round"] <= done)
-        eval_nodes = _sample_nodes(self.federation.nodes, cfg.eval_fraction, cfg.seed, streams.VALIDATION_CLIENTS)
+        eval_nodes = (_sample_nodes(self.federation.nodes, settings.eval_fraction, cfg.runtime.seed,
+                                    streams.VALIDATION_CLIENTS) if settings.eval_every else [])
         seconds: list[float] = []  # of this phase's rounds run by this process (for the ETA)
-        for rnd in range(done + 1, cfg.num_rounds + 1):
-            if self.ledger is not None and self.ledger.rounds_remaining(cfg.fraction_train) == 0:
+        for rnd in range(done + 1, settings.rounds + 1):
+            if self.ledger is not None and self.ledger.rounds_remaining(settings.fraction_train) == 0:
                 log(WARNING, "fed-userllm: stopping before round %d: target-epsilon=%s is spent", rnd,
-                    cfg.target_epsilon)
+                    cfg.dp.target_epsilon)
                 break
             began = time.time()
-            set_server_lr(strategy, server_lr(cfg, rnd))
+            set_server_lr(strategy, server_lr(settings, rnd))
             outcome = self.train_round(phase, strategy, arrays, rnd)
             if outcome is None:
                 break
             arrays, record = outcome
             lr = get_server_lr(strategy)
             record |= sizes | ({"server_lr": lr} if lr is not None else {})
-            if cfg.eval_every and rnd % cfg.eval_every == 0 and self.federated_evaluation:
+            if settings.eval_every and rnd % settings.eval_every == 0 and self.federated_evaluation:
                 eval_began = time.time()
                 val, (sent, received) = self.evaluate(phase, arrays, eval_nodes, "val", rnd)
                 record["eval_seconds"] = time.time() - eval_began
@@ -212,7 +215,7 @@ class RunState:
             self.checkpoint({"phase": phase.name, "round": rnd, "strategy": strategy_state(strategy),
                              "arrays": {k: v.numpy() for k, v in arrays.items()}})
             seconds.append(record["round_seconds"])
-            log(INFO, "fed-userllm: %s", progress_line(phase.name, rnd, cfg.num_rounds, record,
+            log(INFO, "fed-userllm: %s", progress_line(phase.name, rnd, settings.rounds, record,
                                                        float(np.mean(seconds))))
         set_arrays(model, arrays)
         model.save_pretrained(self.run_dir / phase.output)
@@ -220,8 +223,9 @@ class RunState:
             canaries.save(self.run_dir, phase.name, initial, {k: v.numpy() for k, v in arrays.items()})
         test = None
         if self.federated_evaluation:
-            test_nodes = _sample_nodes(self.federation.nodes, cfg.test_fraction, cfg.seed, streams.TEST_CLIENTS)
-            test, _ = self.evaluate(phase, arrays, test_nodes, "test", cfg.num_rounds)
+            test_nodes = _sample_nodes(self.federation.nodes, settings.test_fraction, cfg.runtime.seed,
+                                       streams.TEST_CLIENTS)
+            test, _ = self.evaluate(phase, arrays, test_nodes, "test", settings.rounds)
             log(INFO, "fed-userllm: [%s] final test over %d users (operator-private, not covered by DP): %s",
                 phase.name, int(test["n"]), _fmt(test))
         else:
@@ -242,7 +246,8 @@ class RunState:
         ``on-short-round`` says. Failures never change the DP average's denominator (the expected cohort),
         so the accounting holds whoever drops out, provided failures do not depend on the data.
         """
-        dp_sgd_sigma = self.privacy.noise_multiplier if self.cfg.dp == "sample" else 0.0
+        dp, faults = self.cfg.dp, self.cfg.faults
+        dp_sgd_sigma = self.privacy.noise_multiplier if dp.mode == "sample" else 0.0
         train_config = ConfigRecord({"noise-multiplier": dp_sgd_sigma, "delta": self.privacy.delta or 0.0})
         for attempt in range(RETRIES + 1):
             strategy.attempt = attempt
@@ -251,7 +256,7 @@ class RunState:
             ok = []
             for r in replies:
                 problem = r.error.reason if r.has_error() else train_reply_problem(
-                    r, arrays, required_metrics(self.cfg.dp), self.cfg.max_update_norm)
+                    r, arrays, required_metrics(dp.mode), dp.max_update_norm)
                 if problem is None:
                     ok.append(r)
                 else:
@@ -259,18 +264,18 @@ class RunState:
             record = {"phase": phase.name, "round": rnd, "clients_sampled": len(messages),
                       "clients_succeeded": len(ok), "clients_failed": len(messages) - len(ok),
                       "attempts": attempt + 1, **_train_metrics(ok)}
-            if len(messages) - len(ok) <= self.cfg.max_failure_fraction * len(messages):
+            if len(messages) - len(ok) <= faults.max_failure_fraction * len(messages):
                 break
-            policy = self.cfg.on_short_round
+            policy = faults.on_short_round
             log(WARNING, "fed-userllm: round %d attempt %d is short: %d of %d sampled clients failed (> "
                 "max-failure-fraction=%s); on-short-round=%s", rnd, attempt + 1, len(messages) - len(ok),
-                len(messages), self.cfg.max_failure_fraction, policy)
+                len(messages), faults.max_failure_fraction, policy)
             if policy == "skip":
                 return arrays, record | {"skipped": True}
             if policy == "stop" or attempt == RETRIES:
                 raise RuntimeError(f"round {rnd}: {len(messages) - len(ok)} of {len(messages)} sampled clients "
                                    f"failed in attempt {attempt + 1} (max-failure-fraction="
-                                   f"{self.cfg.max_failure_fraction}, on-short-round={policy}); stopping. The "
+                                   f"{faults.max_failure_fraction}, on-short-round={policy}); stopping. The "
                                    "last checkpoint is intact: fix the clients and resume")
         new_arrays, _ = strategy.aggregate_train(rnd, ok)
         released = arrays if new_arrays is None else _cast_like(new_arrays, arrays)
@@ -322,8 +327,8 @@ class RunState:
         the server process busy and starve the client workers; small batches keep the scan cheap.
         ``round-timeout`` bounds the whole exchange; replies that miss it count as failures.
         """
-        step = self.cfg.max_in_flight or len(messages) or 1
-        deadline = time.time() + self.cfg.round_timeout
+        step = self.cfg.faults.max_in_flight or len(messages) or 1
+        deadline = time.time() + self.cfg.faults.round_timeout
         replies: list[Message] = []
         for i in range(0, len(messages), step):
             remaining = max(0.0, deadline - time.time())
@@ -338,41 +343,49 @@ class RunState:
 
 def resolve_run_dir(cfg: FederatedConfig) -> RunDir:
     """``run-dir`` (default runs/flower-<timestamp> under the working directory); refuse to mix runs."""
-    if not cfg.run_dir and cfg.resume:
+    runtime = cfg.runtime
+    if not runtime.run_dir and runtime.resume:
         raise ValueError("resume=true needs run-dir=<the run directory to continue>")
-    run = RunDir(Path(cfg.run_dir or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve())
-    run.check_resume(_settings(cfg), cfg.resume, section="settings", resume_flag="resume=true", out_flag="run-dir",
-                     require_run=True)
+    run = RunDir(Path(runtime.run_dir or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve())
+    run.check_resume(run_config_of(_settings(cfg)), runtime.resume,
+                     read_saved=lambda config: run_config_of(flower_settings(config)), resume_flag="resume=true",
+                     out_flag="run-dir", require_run=True)
     return run  # created with config.json, once the federation checks out
 
 
 def describe_federation(grid: Grid, cfg: FederatedConfig) -> Federation:
     """Node ids, and the partition count and vocabulary sizes from one client; fail if the counts differ."""
-    deadline = time.time() + cfg.round_timeout
+    timeout, data = cfg.faults.round_timeout, cfg.data
+    deadline = time.time() + timeout
     while not (nodes := sorted(grid.get_node_ids())):
         if time.time() > deadline:
-            raise RuntimeError(f"no SuperNode connected within round-timeout={cfg.round_timeout}s")
+            raise RuntimeError(f"no SuperNode connected within round-timeout={timeout}s")
         time.sleep(1)
     query = Message(RecordDict(), dst_node_id=nodes[0], message_type="query.describe")
-    replies = list(grid.send_and_receive([query], timeout=cfg.round_timeout))
+    replies = list(grid.send_and_receive([query], timeout=timeout))
     reply = replies[0] if replies else None
     if reply is None or reply.has_error():
         reason = "no reply" if reply is None else reply.error.reason
-        raise RuntimeError(f"client {nodes[0]} could not describe dataset={cfg.dataset!r}: {reason}")
+        raise RuntimeError(f"client {nodes[0]} could not describe dataset={data.dataset!r}: {reason}")
     info = reply.content["federation"]
     num_clients = int(info["num-clients"])
     if len(nodes) != num_clients:
         raise RuntimeError(
-            f"the federation has {len(nodes)} SuperNodes but dataset={cfg.dataset!r} with users-per-client="
-            f"{cfg.users_per_client} defines {num_clients} clients (one SuperNode per partition). Start with "
+            f"the federation has {len(nodes)} SuperNodes but dataset={data.dataset!r} with users-per-client="
+            f"{data.users_per_client} defines {num_clients} clients (one SuperNode per partition). Start with "
             f"`flwr run simulations/movielens --stream --federation-config \"num-supernodes={num_clients}\"`")
     vocab_sizes = {k.removeprefix("vocab-"): int(v) for k, v in info.items() if k.startswith("vocab-")}
     return Federation(nodes, num_clients, int(info["num-examples"]), vocab_sizes)
 
 
 def _settings(cfg: FederatedConfig) -> dict:
-    """The settings a resumed run must keep (all but `RESUMABLE`)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
+    """The nested settings a resumed run must keep (all but `RESUMABLE`): what config.json saves."""
+    settings = cfg.to_dict()
+    for key in RESUMABLE:
+        for path in KEYS[key]:
+            part, name = path.split(".")
+            del settings[part][name]
+    return settings
 
 
 def write_or_check_config(run: RunDir, cfg: FederatedConfig, federation: Federation, privacy: Privacy) -> None:
@@ -404,18 +417,18 @@ def _exchange_sizes(phase: Phase, cfg: FederatedConfig, model: torch.nn.Module, 
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     if not frozen:
         return {}
-    exchanged = arrays.count_bytes()
+    exchanged, settings = arrays.count_bytes(), cfg.phase(phase.name)
     log(INFO, "fed-userllm: [%s] clients train and exchange %d tensors (%s parameters, %.2f MB per copy: "
         "encoder + projection%s); the frozen LLM %s (%.1f MB) is never sent: each copy is %.2f%% of it",
         phase.name, len(arrays), f"{sum(a.numpy().size for a in arrays.values()):,}", exchanged / 1e6,
-        " + cross-attention" if cfg.llm_integration == "xattn" else " + task prompt", cfg.llm, frozen / 1e6,
+        " + cross-attention" if cfg.llm.integration == "xattn" else " + task prompt", cfg.llm.model, frozen / 1e6,
         100 * exchanged / frozen)
+    test_nodes = _sample_nodes(list(range(num_clients)), settings.test_fraction, cfg.runtime.seed, streams.TEST_CLIENTS)
     log(INFO, "fed-userllm: [%s] %d rounds at q=%g (~%.3g clients each), %d local steps of %d examples; "
         "validation and final test on a fixed sample of %d of the %d clients (llm-eval-fraction=%g; %s)",
-        phase.name, cfg.num_rounds, cfg.fraction_train,
-        cfg.fraction_train * num_clients, cfg.local_steps, cfg.batch_size,
-        len(_sample_nodes(list(range(num_clients)), cfg.test_fraction, cfg.seed, streams.TEST_CLIENTS)), num_clients,
-        cfg.test_fraction, "exact ranking of every title" if cfg.llm_objective == "catalog"
+        phase.name, settings.rounds, settings.fraction_train, settings.fraction_train * num_clients,
+        settings.local_steps, settings.batch_size, len(test_nodes), num_clients, settings.test_fraction,
+        "exact ranking of every title" if cfg.llm.objective == "catalog"
         else "constrained beam search over every title, slow on CPU")
     return {"update_bytes": exchanged, "llm_bytes": frozen}
 

@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fed_userllm import streams
 from fed_userllm.privacy import Canaries, aggregate_dp_fedavg, model_update, poisson_sample
-from fed_userllm.train.federated_config import FederatedConfig
+from fed_userllm.train.federated_config import DPSettings, PhaseSettings
 
 
 class PoissonFedAvg(FedAvg):
@@ -131,30 +131,30 @@ class UserDPFedAvgM(_ServerMomentum, UserDPFedAvg):
     Adam it does not rescale the coordinates that carry only noise up to full steps."""
 
 
-def build_strategy(cfg: FederatedConfig, seed: int, noise_multiplier: float) -> Strategy:
-    """The strategy for ``cfg.strategy`` and ``cfg.dp`` (sample-level DP: the mean weighted by DP-SGD steps)."""
-    user_dp = cfg.dp == "user"
-    common = {"fraction_train": cfg.fraction_train, "min_train_nodes": 0, "min_available_nodes": 1,
-              "weighted_by_key": "steps" if cfg.dp == "sample" else "num-examples"}
-    if cfg.strategy == "fedadam":
-        strategy = (UserDPFedAdam if user_dp else PoissonFedAdam)(**common, eta=cfg.server_lr, eta_l=cfg.lr,
-                                                                 tau=cfg.server_tau)
-    elif cfg.strategy == "fedavgm":
+def build_strategy(phase: PhaseSettings, dp: DPSettings, seed: int, noise_multiplier: float) -> Strategy:
+    """The strategy for ``phase.strategy`` and ``dp.mode`` (sample-level DP: the mean weighted by DP-SGD steps)."""
+    user_dp = dp.mode == "user"
+    common = {"fraction_train": phase.fraction_train, "min_train_nodes": 0, "min_available_nodes": 1,
+              "weighted_by_key": "steps" if dp.mode == "sample" else "num-examples"}
+    if phase.strategy == "fedadam":
+        strategy = (UserDPFedAdam if user_dp else PoissonFedAdam)(**common, eta=phase.server_lr, eta_l=phase.lr,
+                                                                 tau=phase.server_tau)
+    elif phase.strategy == "fedavgm":
         strategy = (UserDPFedAvgM if user_dp else PoissonFedAvgM)(
-            **common, server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
+            **common, server_learning_rate=phase.server_lr, server_momentum=phase.server_momentum)
     else:
         strategy = (UserDPFedAvg if user_dp else PoissonFedAvg)(**common)
     strategy.seed = seed
     if user_dp:
-        strategy.clip_norm, strategy.noise_multiplier = cfg.clip_norm, noise_multiplier
+        strategy.clip_norm, strategy.noise_multiplier = dp.clip_norm, noise_multiplier
     return strategy
 
 
-def server_lr(cfg: FederatedConfig, server_round: int) -> float:
-    """FedAdam's server learning rate for ``server_round`` (1-based) under ``server-lr-schedule``."""
-    if cfg.server_lr_schedule == "constant":
-        return cfg.server_lr
-    return cfg.server_lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / cfg.num_rounds))
+def server_lr(phase: PhaseSettings, server_round: int) -> float:
+    """The server learning rate of ``server_round`` (1-based) under the phase's ``server_lr_schedule``."""
+    if phase.server_lr_schedule == "constant":
+        return phase.server_lr
+    return phase.server_lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / phase.rounds))
 
 
 def set_server_lr(strategy: Strategy, lr: float) -> None:

@@ -260,7 +260,7 @@ def test_run_folders_and_refusals(run, tmp_path):
     assert resolve_run(run) == (run / "best", DATA, MAX_LEN)
     federated = tmp_path / "federated"
     shutil.copytree(run / "best", federated / "final")
-    (federated / "config.json").write_text(json.dumps({"settings": {"dataset": DATA, "max_len": MAX_LEN}}))
+    (federated / "config.json").write_text(json.dumps({"settings": {"data": {"dataset": DATA, "max_len": MAX_LEN}}}))
     assert resolve_run(federated) == (federated / "final", DATA, MAX_LEN)
     assert resolve_run(federated / "final") == (federated / "final", DATA, MAX_LEN)  # the run's config is read
     bare = tmp_path / "bare"  # a model folder outside any run

@@ -89,7 +89,7 @@ def call_client(config: dict, message_type: str, content: RecordDict, partition:
 
 def global_model(config: dict) -> torch.nn.Module:
     cfg = FederatedConfig.from_run_config(config)
-    return initial_encoder(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes)
+    return initial_encoder(cfg, load_data(cfg.data.dataset, cfg.data.max_len).vocab_sizes)
 
 
 def train_content(model: torch.nn.Module, noise_multiplier: float = 0.0, delta: float = 1e-3) -> RecordDict:
@@ -122,7 +122,7 @@ def test_train_reply_holds_only_the_model_parameters_and_scalar_counts(tmp_path,
                                                                                    "steps"}
     assert set(metrics.keys()) == expected
     assert all(is_scalar(v) for v in metrics.values())  # no lists: nothing per window or per item
-    seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
+    seq = load_data(FederatedConfig.from_run_config(config).data.dataset, 8)
     windows = len(seq.windows(np.array([0])))
     if dp == "sample":
         assert metrics["dp-sample-rate"] == 1 / math.ceil(windows / 4) and metrics["partition-id"] == 0
@@ -143,7 +143,7 @@ def test_evaluate_and_describe_replies_are_aggregate_counts(tmp_path):
     assert set(metrics.keys()) <= {"recall@1", "recall@5", "recall@10", "ndcg@10", "n", "fav_genre"}
     assert metrics["n"] == 1 and all(is_scalar(v) and 0 <= v <= 1 for v in metrics.values())
     described = call_client(config, "query.describe", RecordDict()).content["federation"]
-    seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
+    seq = load_data(FederatedConfig.from_run_config(config).data.dataset, 8)
     assert dict(described) == {"num-clients": USERS, "num-examples": len(seq.windows()),
                                **{f"vocab-{k}": v for k, v in seq.vocab_sizes.items()}}
 
@@ -159,7 +159,7 @@ def client_round(config: dict, q: float, dp: str, noise_multiplier: float = 0.0,
     """One configured + aggregated training round of the real strategy over an InProcessGrid."""
     cfg = FederatedConfig.from_run_config({**config, "fraction-train": q, "dp": dp, "noise-multiplier": 1.0,
                                            "strategy": strategy})
-    strategy = build_strategy(cfg, seed=3, noise_multiplier=noise_multiplier)
+    strategy = build_strategy(cfg.pretrain, cfg.dp, seed=3, noise_multiplier=noise_multiplier)
     if dp == "user":
         strategy.clip_norm = clip_norm
     strategy.message_type = "train.pretrain"
@@ -220,16 +220,16 @@ def test_fedavgm_takes_a_server_sgd_step_on_the_dp_average_and_keeps_its_momentu
         base = arrays[key].numpy().astype(np.float64)
         average = sum(r.content["arrays"][key].numpy() - base for r in replies) / (q * USERS)
         np.testing.assert_allclose(new[key].numpy(), base + 3.0 * average, rtol=1e-4, atol=1e-6)
-    strategy = build_strategy(cfg, seed=3, noise_multiplier=0.0)
+    strategy = build_strategy(cfg.pretrain, cfg.dp, seed=3, noise_multiplier=0.0)
     strategy.momentum_vector = [np.ones(2)]
-    fresh = build_strategy(cfg, seed=3, noise_multiplier=0.0)
+    fresh = build_strategy(cfg.pretrain, cfg.dp, seed=3, noise_multiplier=0.0)
     load_strategy_state(fresh, strategy_state(strategy))
     assert np.array_equal(fresh.momentum_vector[0], np.ones(2))
 
 
 def test_fedadam_tau_is_the_configured_adaptivity_floor(tmp_path):
     cfg = FederatedConfig.from_run_config({**run_config(tmp_path), "strategy": "fedadam", "server-tau": 0.05})
-    assert build_strategy(cfg, seed=3, noise_multiplier=0.0).tau == 0.05
+    assert build_strategy(cfg.pretrain, cfg.dp, seed=3, noise_multiplier=0.0).tau == 0.05
     with pytest.raises(ValueError, match="server-tau"):
         FederatedConfig.from_run_config({**run_config(tmp_path), "server-tau": 0.0})
 
@@ -240,7 +240,7 @@ def test_poisson_cohorts_are_seeded_and_vary_in_size(tmp_path):
     grid = InProcessGrid(config)
 
     def cohorts(seed: int) -> list[list[int]]:
-        strategy = build_strategy(cfg, seed, 1.0)
+        strategy = build_strategy(cfg.pretrain, cfg.dp, seed, 1.0)
         rounds = [strategy.configure_train(r, ArrayRecord(), ConfigRecord(), grid) for r in range(1, 6)]
         return [sorted(m.metadata.dst_node_id for m in messages) for messages in rounds]
 
@@ -252,8 +252,8 @@ def test_a_sample_level_client_refuses_a_round_past_its_budget_before_training(t
     sigma, delta, partition = 1.0, 1e-3, 2
     config = run_config(tmp_path, dp="sample", local_steps=2)
     cfg = FederatedConfig.from_run_config(config)
-    seq = load_data(cfg.dataset, cfg.max_len)
-    q = 1 / math.ceil(len(seq.windows(np.array([partition]))) / cfg.batch_size)
+    seq = load_data(cfg.data.dataset, cfg.data.max_len)
+    q = 1 / math.ceil(len(seq.windows(np.array([partition]))) / cfg.pretrain.batch_size)
     one, two = (epsilon_from_history([(sigma, q, 2 * r)], delta) for r in (1, 2))
     config = {**config, "target-epsilon": (one + two) / 2}  # the first round fits, the second does not
     trained = []
@@ -284,7 +284,7 @@ def test_a_sample_level_run_sends_no_evaluation_nor_loss_or_example_counts(tmp_p
     assert results["test"] is None and "not run under dp='sample'" in results["privacy"]
     (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not {"train_loss", "num_examples"} & set(record) and not any(k.startswith("val_") for k in record)
-    seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
+    seq = load_data(FederatedConfig.from_run_config(config).data.dataset, 8)
     assert json.loads((run_dir / "config.json").read_text())["privacy"]["delta"] == default_delta(len(seq.windows()))
     assert audit(run_dir).ok
 
@@ -409,7 +409,7 @@ def test_failed_clients_are_recorded_and_only_successful_ones_count(tmp_path):
     run(grid, FederatedConfig.from_run_config(config))
     records = [json.loads(line) for line in (Path(config["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
     cfg = FederatedConfig.from_run_config(config)
-    seq = load_data(cfg.dataset, cfg.max_len)
+    seq = load_data(cfg.data.dataset, cfg.data.max_len)
     for record in records:
         replies = [r for r in grid.replies if r.metadata.group_id == str(record["round"])]
         failed = [r for r in replies if r.has_error()]
@@ -574,7 +574,7 @@ def test_run_directory_holds_config_metrics_checkpoint_model_ledger_and_plots(tm
                         server_lr_schedule="cosine")
     run_dir = run(InProcessGrid(config), FederatedConfig.from_run_config(config))
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["num_clients"] == USERS and saved["settings"]["strategy"] == "fedadam"
+    assert saved["num_clients"] == USERS and saved["settings"]["pretrain"]["strategy"] == "fedadam"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     eta = config["server-lr"]
@@ -591,7 +591,7 @@ def test_run_directory_holds_config_metrics_checkpoint_model_ledger_and_plots(tm
     model = load_pretrained(run_dir / "final")
     assert sum(p.numel() for p in model.parameters()) > 0
     results = json.loads((run_dir / "results.json").read_text())["pretrain"]["test"]
-    seq = load_data(FederatedConfig.from_run_config(config).dataset, 8)
+    seq = load_data(FederatedConfig.from_run_config(config).data.dataset, 8)
     central = finalize(evaluation_sums(model, seq, "test"))  # what a server holding all histories would get
     assert results == pytest.approx(central) and results["n"] == USERS
     report = audit(run_dir)
@@ -674,7 +674,7 @@ def test_user_dp_needs_noise_or_a_target(tmp_path):
         FederatedConfig.from_run_config(run_config(tmp_path, dp="user", noise_multiplier=0.0))
     config = run_config(tmp_path, dp="user", noise_multiplier=0.0, target_epsilon=5.0)
     cfg = FederatedConfig.from_run_config(config)
-    assert cfg.target_epsilon == 5.0
+    assert cfg.dp.target_epsilon == 5.0
 
 
 @pytest.mark.parametrize("model", ["ar", "dual", "bert4rec"])

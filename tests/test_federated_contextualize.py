@@ -44,10 +44,6 @@ def run_config(tmp_path: Path, llm: str, **overrides) -> dict:
             **{k.replace("_", "-"): v for k, v in overrides.items()}}
 
 
-def phase_settings(config: dict) -> FederatedConfig:
-    return FederatedConfig.from_run_config(config).for_phase("contextualize")
-
-
 def call_client(config: dict, message_type: str, content: RecordDict, partition: int) -> Message:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     context = Context(run_id=1, node_id=5, node_config={"partition-id": partition, "num-partitions": USERS},
@@ -58,7 +54,7 @@ def call_client(config: dict, message_type: str, content: RecordDict, partition:
 
 
 def initial_arrays(cfg: FederatedConfig):
-    shared = shared_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes)
+    shared = shared_userllm(cfg, load_data(cfg.data.dataset, cfg.data.max_len).vocab_sizes)
     model = shared.model
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -71,8 +67,8 @@ def initial_arrays(cfg: FederatedConfig):
 def client_loss(model: UserLLM, cfg: FederatedConfig, arrays, partition: int) -> float:
     """Mean task loss (no dropout) over fixed batches of the client's own training examples."""
     task = client_task(cfg)
-    users = client_users(cfg, task.seq, partition)
-    examples = Examples(task, task.spans(users, "train", cfg.max_len), cfg.max_len)
+    users = client_users(cfg.data, task.seq, partition)
+    examples = Examples(task, task.spans(users, "train", cfg.data.max_len), cfg.data.max_len)
     for name, p in model.named_parameters():
         if p.requires_grad:
             p.copy_(torch.from_numpy(arrays[name].numpy()))
@@ -82,7 +78,7 @@ def client_loss(model: UserLLM, cfg: FederatedConfig, arrays, partition: int) ->
 
 def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_loss(tmp_path, tiny_llm_dir):
     config = run_config(tmp_path, tiny_llm_dir, llm_local_steps=6)
-    cfg = phase_settings(config)
+    cfg = FederatedConfig.from_run_config(config)
     model, arrays = initial_arrays(cfg)
     content = RecordDict({"arrays": arrays, "config": ConfigRecord(
         {"server-round": 1, "noise-multiplier": 0.0, "delta": 0.0})})
@@ -95,7 +91,7 @@ def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_los
     assert not trainable & {f"llm.{name}" for name, _ in model.llm.named_parameters()}
     assert all(not p.requires_grad for p in model.llm.parameters())
     task = client_task(cfg)
-    examples = len(task.spans(client_users(cfg, task.seq, 2), "train", cfg.max_len))
+    examples = len(task.spans(client_users(cfg.data, task.seq, 2), "train", cfg.data.max_len))
     assert dict(reply["metrics"]) == {"num-examples": examples, "steps": 6,
                                       "train-loss": pytest.approx(reply["metrics"]["train-loss"])}
     assert client_loss(model, cfg, sent, 2) < client_loss(model, cfg, arrays, 2)  # it learned the task
@@ -105,7 +101,7 @@ def test_train_reply_holds_exactly_the_trainable_tensors_and_lowers_the_task_los
 def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path, tiny_llm_dir, user_tokens):
     config = run_config(tmp_path, tiny_llm_dir, llm_objective="catalog", llm_local_steps=10, llm_batch_size=16,
                         llm_user_tokens=user_tokens)
-    cfg = phase_settings(config)
+    cfg = FederatedConfig.from_run_config(config)
     model, arrays = initial_arrays(cfg)
     assert model.integration.at == [len(model.llm.model.layers) - 1]
     content = RecordDict({"arrays": arrays, "config": ConfigRecord(
@@ -113,7 +109,8 @@ def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path
     sent = call_client(config, "train.contextualize", content, partition=2).content["arrays"]
     assert set(sent.keys()) == set(model.trainable_parameter_names())
     task = client_task(cfg)
-    examples = Examples(task, task.spans(client_users(cfg, task.seq, 2), "train", cfg.max_len), cfg.max_len,
+    max_len = cfg.data.max_len
+    examples = Examples(task, task.spans(client_users(cfg.data, task.seq, 2), "train", max_len), max_len,
                         catalog=catalog_scorer(model, task))
 
     @torch.no_grad()
@@ -125,14 +122,15 @@ def test_catalog_objective_clients_train_one_block_after_the_last_layer(tmp_path
 
     assert catalog_loss(sent) < catalog_loss(arrays) - 0.05
     with pytest.raises(ValueError, match="llm-objective"):
-        phase_settings(run_config(tmp_path, tiny_llm_dir, llm_objective="catalog", llm_task="favgenre"))
+        FederatedConfig.from_run_config(run_config(tmp_path, tiny_llm_dir, llm_objective="catalog",
+                                                   llm_task="favgenre"))
     with pytest.raises(ValueError, match="llm-user-tokens"):
-        phase_settings(run_config(tmp_path, tiny_llm_dir, llm_user_tokens="last"))
+        FederatedConfig.from_run_config(run_config(tmp_path, tiny_llm_dir, llm_user_tokens="last"))
 
 
 def test_evaluate_reply_is_hit_counts_of_the_clients_own_target(tmp_path, tiny_llm_dir):
     config = run_config(tmp_path, tiny_llm_dir)
-    _, arrays = initial_arrays(phase_settings(config))
+    _, arrays = initial_arrays(FederatedConfig.from_run_config(config))
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"split": "test", "server-round": 1})})
     reply = call_client(config, "evaluate.contextualize", content, partition=3).content
     assert set(reply.keys()) == {"metrics"}
@@ -213,8 +211,9 @@ def test_contextualize_alone_starts_from_the_given_encoder(tmp_path, tiny_llm_di
     pretrained = run_local(run_config(tmp_path / "a", tiny_llm_dir, phases="pretrain", dp="none", eval_every=0))
     config = run_config(tmp_path / "b", tiny_llm_dir, phases="contextualize", encoder=str(pretrained), dp="none",
                         llm_rounds=1, eval_every=0)
-    cfg = phase_settings(config)
-    model = initial_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes, pretrained)
+    cfg = FederatedConfig.from_run_config(config)
+    vocab_sizes = load_data(cfg.data.dataset, cfg.data.max_len).vocab_sizes
+    model = initial_userllm(cfg, vocab_sizes, pretrained)
     encoder = load_pretrained(pretrained / "final")
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(),
                                                   encoder.state_dict().values(), strict=True))
@@ -223,16 +222,16 @@ def test_contextualize_alone_starts_from_the_given_encoder(tmp_path, tiny_llm_di
         "contextualize"]
     assert (run_dir / "userllm" / "encoder").is_dir()
 
-    wider = phase_settings({**config, "d-model": 32})
+    wider = FederatedConfig.from_run_config({**config, "d-model": 32})
     with pytest.raises(ValueError, match="d-model"):
-        initial_userllm(wider, load_data(cfg.dataset, cfg.max_len).vocab_sizes, pretrained)
+        initial_userllm(wider, vocab_sizes, pretrained)
     with pytest.raises(FileNotFoundError, match="encoder="):
-        initial_userllm(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes, tmp_path / "nothing")
+        initial_userllm(cfg, vocab_sizes, tmp_path / "nothing")
 
 
 def test_phase_settings_and_bad_combinations_fail_fast(tmp_path, tiny_llm_dir):
-    cfg = phase_settings(run_config(tmp_path, tiny_llm_dir))
-    assert (cfg.num_rounds, cfg.fraction_train, cfg.local_steps, cfg.batch_size, cfg.lr, cfg.test_fraction) == (
+    phase = FederatedConfig.from_run_config(run_config(tmp_path, tiny_llm_dir)).contextualize
+    assert (phase.rounds, phase.fraction_train, phase.local_steps, phase.batch_size, phase.lr, phase.test_fraction) == (
         2, 0.25, 3, 4, 0.01, 0.25)
     bad = [({"dp": "sample"}, "dp"), ({"phases": "contextualize"}, "encoder"),
            ({"encoder": "/some/run"}, "encoder"), ({"phases": "contextualize,pretrain"}, "phases"),

@@ -120,12 +120,13 @@ TINY = {**TINY_FEDERATION, "lr": 0.5, "dp-seed": 7, "phases": "pretrain", "item-
 def test_the_federation_exchanges_exactly_the_trainable_tensors(tmp_path, isolated_cache):
     config = {**app_defaults(), **TINY, "run-dir": str(tmp_path / "run"), "num-rounds": 1, "eval-every": 1}
     cfg = FederatedConfig.from_run_config(config)
-    model = initial_encoder(cfg, load_data(cfg.dataset, cfg.max_len).vocab_sizes)
+    data = cfg.data
+    model = initial_encoder(cfg, load_data(data.dataset, data.max_len).vocab_sizes)
     arrays = get_arrays(model)
     assert set(arrays.keys()) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any("features" in k for k in arrays.keys())
-    catalog = load_catalog(cfg.dataset)  # the server reads the public catalog only, the same one
-    assert catalog.titles == load_data(cfg.dataset, cfg.max_len).catalog.titles
+    catalog = load_catalog(data.dataset)  # the server reads the public catalog only, the same one
+    assert catalog.titles == load_data(data.dataset, data.max_len).catalog.titles
     run_dir = run_local(config)
     saved = ARUserEncoder.from_pretrained(run_dir / "final")
     np.testing.assert_array_equal(saved.embed["item"].features.numpy(), model.embed["item"].features.numpy())

@@ -27,8 +27,8 @@ def config(tmp_path, **overrides) -> dict:
 
 def test_a_users_vector_marks_the_distinct_items_they_rated_with_unit_norm(tmp_path):
     cfg = FederatedConfig.from_run_config(config(tmp_path))
-    seq = load_data(cfg.dataset, cfg.max_len)
-    users = client_users(cfg, seq, 3)
+    seq = load_data(cfg.data.dataset, cfg.data.max_len)
+    users = client_users(cfg.data, seq, 3)
     update = popularity_update(seq, users, clip_norm=2.0)
     start, end = seq.train_ranges(users)
     rated = np.unique(seq.features["item"][start[0]:end[0]])
@@ -40,8 +40,9 @@ def test_without_dp_the_release_is_the_exact_share_of_users_who_rated_each_item(
     run_dir = run_local(config(tmp_path, dp="none"))
     released = Popularity.from_pretrained(run_dir / "popularity").counts.detach().numpy()
     cfg = FederatedConfig.from_run_config(config(tmp_path))
-    seq = load_data(cfg.dataset, cfg.max_len)
-    expected = sum(popularity_update(seq, client_users(cfg, seq, c), cfg.clip_norm) for c in range(USERS)) / USERS
+    seq = load_data(cfg.data.dataset, cfg.data.max_len)
+    expected = sum(popularity_update(seq, client_users(cfg.data, seq, c), cfg.dp.clip_norm)
+                   for c in range(USERS)) / USERS
     np.testing.assert_allclose(released, expected, rtol=1e-5, atol=1e-7)  # averaged over 3 identical releases
     encoder = ARUserEncoder.from_pretrained(run_dir / "final")
     results = json.loads((run_dir / "results.json").read_text())
@@ -60,11 +61,11 @@ def test_under_dp_every_release_is_charged_at_q_1_and_the_noise_averages(tmp_pat
     assert rounds[3]["phase"] == "pretrain"
     assert audit(run_dir).ok
     cfg = FederatedConfig.from_run_config(config(tmp_path))
-    seq = load_data(cfg.dataset, cfg.max_len)
-    exact = sum(popularity_update(seq, client_users(cfg, seq, c), cfg.clip_norm) for c in range(USERS)) / USERS
+    seq = load_data(cfg.data.dataset, cfg.data.max_len)
+    exact = sum(popularity_update(seq, client_users(cfg.data, seq, c), cfg.dp.clip_norm) for c in range(USERS)) / USERS
     released = Popularity.from_pretrained(run_dir / "popularity").counts.detach().numpy()
     error = (released - exact)[NUM_RESERVED:]
-    expected_std = 2.0 * cfg.clip_norm / (USERS * math.sqrt(3))  # sigma C / N per release, averaged over 3
+    expected_std = 2.0 * cfg.dp.clip_norm / (USERS * math.sqrt(3))  # sigma C / N per release, averaged over 3
     assert error.std() == pytest.approx(expected_std, rel=0.35)  # ~40 items: a loose bound on a sample std
 
 

@@ -50,8 +50,9 @@ def test_release_holds_exactly_the_models_public_config_ledger_and_audit(tmp_pat
     assert released.keys() == trained.keys() and all(torch.equal(released[k], trained[k]) for k in released)
     assert (out / LEDGER).read_bytes() == (run_dir / LEDGER).read_bytes()
     public, private = json.loads((out / "config.json").read_text()), json.loads((run_dir / "config.json").read_text())
-    assert "dp_seed" not in public["settings"] and "dp_seed" in private["settings"]
-    assert public == {**private, "settings": {k: v for k, v in private["settings"].items() if k != "dp_seed"}}
+    assert "seed" not in public["settings"]["dp"] and "seed" in private["settings"]["dp"]
+    without_seed = {k: v for k, v in private["settings"]["dp"].items() if k != "seed"}
+    assert public == {**private, "settings": {**private["settings"], "dp": without_seed}}
     assert json.loads((out / "privacy_audit.json").read_text())["ok"] is True
     readme = (out / "RELEASE.md").read_text()
     assert "delta = 1e-05" in readme and "final/" in readme and OPERATOR_PRIVATE in readme

@@ -53,7 +53,7 @@ def public_items(settings: EncoderArchitecture, dataset: str) -> np.ndarray | No
 
 
 class EncoderArchitecture(Protocol):
-    """What `build_encoder` reads of a run's settings (`PretrainConfig` and `FederatedConfig`
+    """What `build_encoder` reads of a run's settings (`PretrainConfig` and the federated `EncoderSettings`
     both have it)."""
 
     model: str

@@ -51,41 +51,42 @@ def resolve_privacy(cfg: FederatedConfig, num_clients: int, num_examples: int) -
     ``noise-multiplier=0`` with a target calibrates sigma. User-level: so that all planned rounds (num-rounds
     per phase) fit the target; a given sigma whose planned rounds do not fit is refused before training.
     Sample-level: for the worst-case client, one that takes part in every round with full-batch DP-SGD steps
-    (sample rate 1, ``local-steps`` or ``local-epochs`` steps per round). Either way the ledger refuses any
-    round that would exceed the target.
+    (sample rate 1, the pretrain phase's ``local-steps`` or ``local-epochs`` steps per round: DP-SGD trains
+    the encoder only). Either way the ledger refuses any round that would exceed the target. The round budget
+    reported is at the pretrain phase's q.
     """
-    if cfg.dp == "none":
+    dp, pretrain = cfg.dp, cfg.pretrain
+    if dp.mode == "none":
         return Privacy(None, 0.0, None, None)
-    units = num_clients if cfg.dp == "user" else num_examples
-    delta = cfg.target_delta or default_delta(units)
-    plan = [(view.fraction_train, view.num_rounds) for view in map(cfg.for_phase, cfg.phase_names)]
+    units = num_clients if dp.mode == "user" else num_examples
+    delta = dp.target_delta or default_delta(units)
+    plan = [(phase.fraction_train, phase.rounds) for phase in map(cfg.phase, cfg.phases)]
     rounds = sum(r for _, r in plan)  # each phase's rounds at its own q, composed in order
-    sigma = cfg.noise_multiplier
-    if cfg.dp == "user":
-        if not cfg.target_epsilon:
+    sigma = dp.noise_multiplier
+    if dp.mode == "user":
+        if not dp.target_epsilon:
             return Privacy(USER_LEVEL, sigma, delta, None)
         if not sigma:
-            sigma = calibrate_noise_for_plan(cfg.target_epsilon, delta, plan, cfg.accountant)
+            sigma = calibrate_noise_for_plan(dp.target_epsilon, delta, plan, dp.accountant)
             log.info("fed-userllm: noise multiplier calibrated to %.4f for epsilon=%s over %d rounds", sigma,
-                cfg.target_epsilon, rounds)
-        max_rounds = max_rounds_within_budget(sigma, cfg.fraction_train, delta, cfg.target_epsilon,
-                                              cfg.accountant)
-        spent = epsilon_from_history([(sigma, q, r) for q, r in plan], delta, cfg.accountant)
-        if spent > cfg.target_epsilon:
-            per_phase = ", ".join(f"{name}: {r} at q={q:g}" for name, (q, r) in zip(cfg.phase_names, plan,
-                                                                                       strict=True))
+                dp.target_epsilon, rounds)
+        max_rounds = max_rounds_within_budget(sigma, pretrain.fraction_train, delta, dp.target_epsilon,
+                                              dp.accountant)
+        spent = epsilon_from_history([(sigma, q, r) for q, r in plan], delta, dp.accountant)
+        if spent > dp.target_epsilon:
+            per_phase = ", ".join(f"{name}: {r} at q={q:g}" for name, (q, r) in zip(cfg.phases, plan, strict=True))
             raise ValueError(
-                f"num-rounds={cfg.num_rounds} ({rounds} rounds over phases {cfg.phases!r}) exceeds the privacy "
-                f"budget: with noise-multiplier={sigma} and delta={delta:.3g} the planned rounds ({per_phase}) "
-                f"spend epsilon {spent:.4g} > target-epsilon={cfg.target_epsilon} (only {max_rounds} rounds fit "
-                f"at fraction-train={cfg.fraction_train}). Lower num-rounds or llm-rounds, raise "
+                f"num-rounds={pretrain.rounds} ({rounds} rounds over phases {','.join(cfg.phases)!r}) exceeds the "
+                f"privacy budget: with noise-multiplier={sigma} and delta={delta:.3g} the planned rounds ({per_phase}) "
+                f"spend epsilon {spent:.4g} > target-epsilon={dp.target_epsilon} (only {max_rounds} rounds fit "
+                f"at fraction-train={pretrain.fraction_train}). Lower num-rounds or llm-rounds, raise "
                 "noise-multiplier, or set noise-multiplier=0 to calibrate it to the target")
         return Privacy(USER_LEVEL, sigma, delta, max_rounds)
-    if cfg.target_epsilon and not sigma:
-        steps = (cfg.local_steps or cfg.local_epochs) * rounds
-        sigma = calibrate_noise(cfg.target_epsilon, delta, 1.0, steps, cfg.accountant)
+    if dp.target_epsilon and not sigma:
+        steps = (pretrain.local_steps or pretrain.local_epochs) * rounds
+        sigma = calibrate_noise(dp.target_epsilon, delta, 1.0, steps, dp.accountant)
         log.info("fed-userllm: DP-SGD noise multiplier calibrated to %.4f for epsilon=%s", sigma,
-            cfg.target_epsilon)
+            dp.target_epsilon)
     return Privacy(SAMPLE_LEVEL, sigma, delta, None)
 
 
@@ -99,10 +100,10 @@ def open_ledger(run_dir: Path, cfg: FederatedConfig, num_clients: int, privacy: 
     if privacy.mechanism is None:
         return None
     ledger = PrivacyLedger(run_dir, LedgerConfig(
-        mechanism=privacy.mechanism, noise_multiplier=privacy.noise_multiplier, clip_norm=cfg.clip_norm,
+        mechanism=privacy.mechanism, noise_multiplier=privacy.noise_multiplier, clip_norm=cfg.dp.clip_norm,
         num_clients=num_clients, delta=privacy.delta,
-        sample_rate=cfg.for_phase(cfg.phase_names[0]).fraction_train if privacy.mechanism == USER_LEVEL else None,
-        accountant=cfg.accountant, target_epsilon=cfg.target_epsilon or None))
+        sample_rate=cfg.phase(cfg.phases[0]).fraction_train if privacy.mechanism == USER_LEVEL else None,
+        accountant=cfg.dp.accountant, target_epsilon=cfg.dp.target_epsilon or None))
     if checkpoint_head and checkpoint_head not in {e.get("hash") for e in read_ledger(ledger.path).entries}:
         raise LedgerError(f"{ledger.path} no longer holds the line {checkpoint_head} that checkpoint.pt "
                           "recorded: the ledger was truncated or replaced, and would understate epsilon")
