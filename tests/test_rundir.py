@@ -18,10 +18,14 @@ from fed_userllm.rundir import (
     find_userllm,
     list_runs,
 )
+from fed_userllm.server.local_grid import app_defaults
 from fed_userllm.train.contextualize_config import ContextualizeConfig
+from fed_userllm.train.federated_config import FederatedConfig
 from fed_userllm.train.pretrain_config import PretrainConfig
 
 DATA = "synthetic:users=12,items=20"
+FLOWER_RUN_CONFIG = {**app_defaults(), "dataset": DATA, "max-len": 6, "phases": "pretrain,contextualize",
+                     "llm-objective": "lm", "llm-user-tokens": "events", "llm-task": "favgenre"}
 
 
 def encoder(folder):
@@ -38,11 +42,12 @@ def pretrain_run(path):
     return run
 
 
-def flower_run(path, with_userllm=False):
+def flower_run(path, with_userllm=False, flat=False):
+    """A Flower run directory; ``flat``: its settings as versions before the nested settings saved them."""
     run = RunDir(path)
-    run.write_config({"settings": {"dataset": DATA, "max_len": 6, "llm": "smollm2", "llm_task": "nextitem",
-                                   "llm_integration": "xattn", "llm_user_tokens": "events", "llm_objective": "lm"},
-                      "num_clients": 12})
+    settings = ({k.replace("-", "_"): v for k, v in FLOWER_RUN_CONFIG.items()} if flat
+                else FederatedConfig.from_run_config(FLOWER_RUN_CONFIG).to_dict())
+    run.write_config({"settings": settings, "num_clients": 12})
     encoder(path / "final")
     if with_userllm:
         encoder(path / "userllm" / "encoder")
@@ -73,11 +78,20 @@ def test_a_flower_run_is_read_as_contextualize_settings(tmp_path):
     source = find_userllm(fl / "userllm")
     assert source.folder == fl / "userllm" and source.run.path == fl.path.resolve()
     config = ContextualizeConfig.from_dict(source.config)
-    assert (config.dataset, config.history_len, config.task, config.encoder) == (DATA, 6, "nextitem", str(fl.path))
+    assert (config.dataset, config.history_len, config.task, config.encoder) == (DATA, 6, "favgenre", str(fl.path))
     with pytest.raises(FileNotFoundError, match="expected a contextualize or Flower run"):
         find_userllm(pretrain_run(tmp_path / "pre").path)
     with pytest.raises(FileNotFoundError, match="no trained User-LLM"):
         find_userllm(flower_run(tmp_path / "unfinished").path)
+
+
+def test_a_flower_run_saved_with_flat_settings_is_read_as_the_nested_one(tmp_path):
+    flat, nested = (flower_run(tmp_path / name, with_userllm=True, flat=name == "flat") for name in ("flat", "new"))
+    assert "data" in nested.read_config()["settings"] and "max_len" in flat.read_config()["settings"]
+    assert find_encoder(flat.path).dataset == find_encoder(nested.path).dataset == DATA
+    assert find_encoder(flat.path).max_len == find_encoder(nested.path).max_len == 6
+    configs = [find_userllm(run.path).config for run in (flat, nested)]
+    assert configs[0] == {**configs[1], "encoder": str(flat.path)}
 
 
 def test_resume_check_latest_link_and_metrics_truncation(tmp_path):
