@@ -61,7 +61,6 @@ RECIPES: dict[str, dict] = {
     "no-seen-offset": {"seen_offset": False},
     "label-smoothing": {"label_smoothing": 0.1},
     "dropout-0.5": {"dropout": 0.5},
-    "long-schedule": {"epochs": 40, "patience": 8},
     "wide": {"d_model": 128, "item_dim": 128},
     "public-item-features": {"item_features": "public"},
     "app-width": {"d_model": 32, "item_dim": 16, "item_features": "public", "dropout": 0.1},
