@@ -95,7 +95,7 @@ def initial_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int], encoder_s
     if pretrained.config != model.encoder.config:
         raise ValueError(f"the encoder in {path} ({pretrained.config}) differs from the one the run config "
                          f"describes ({model.encoder.config}): set model, d-model, n-layers, n-heads, item-dim, "
-                         "dropout and max-len to the pretrained encoder's")
+                         "dropout, seen-offset and max-len to the pretrained encoder's")
     load_trainable_state(model, shared.initial)
     model.encoder.load_state_dict(pretrained.state_dict())
     return model

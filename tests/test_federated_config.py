@@ -117,7 +117,20 @@ def test_saved_flat_settings_of_earlier_runs_read_as_the_nested_form():
     nested = FederatedConfig.from_run_config(BASE).to_dict()
     flat = {k.replace("-", "_"): v for k, v in BASE.items()}
     assert saved_settings(flat) == nested
-    assert saved_settings(nested) is nested
+    assert saved_settings(nested) == nested
+
+
+def test_a_run_saved_before_the_seen_offset_reads_without_it_and_resumes_only_so(tmp_path):
+    config = {**BASE, "run-dir": str(tmp_path / "run")}
+    settings = FederatedConfig.from_run_config(config).to_dict()
+    del settings["encoder"]["seen_offset"]
+    assert saved_settings(settings)["encoder"]["seen_offset"] is False
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"settings": settings}))
+    with pytest.raises(ValueError, match="seen-offset"):
+        resolve_run_dir(FederatedConfig.from_run_config({**config, "resume": True, "seen-offset": True}))
+    resumed = FederatedConfig.from_run_config({**config, "resume": True, "seen-offset": False})
+    assert resolve_run_dir(resumed).path == (tmp_path / "run").resolve()
 
 
 @pytest.mark.parametrize("flat", [False, True])

@@ -89,6 +89,7 @@ class EncoderSettings:
     item_features: str  # learned: a per-item table | public: frozen features of the public catalog (ar only)
     item_features_llm: str  # public item features: the LLM whose title representation is used ("": none)
     dropout: float
+    seen_offset: bool  # ar: learn one score offset for items already in the history (repeat-aware output)
     pretrained: str  # contextualize without pretrain in this run: the pretrained encoder to start from
 
     def __post_init__(self) -> None:
@@ -247,6 +248,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "item-features": ("encoder.item_features",),
     "item-features-llm": ("encoder.item_features_llm",),
     "dropout": ("encoder.dropout",),
+    "seen-offset": ("encoder.seen_offset",),
     "encoder": ("encoder.pretrained",),
     "llm": ("llm.model",),
     "llm-task": ("llm.task",),
@@ -449,8 +451,9 @@ def run_config_of(nested: dict) -> dict:
 
 def saved_settings(settings: dict) -> dict:
     """A Flower run directory's saved settings in the nested form. Runs written before the settings were
-    nested saved one flat field per run-config key (``max_len`` for ``max-len``); they are converted."""
-    if "data" in settings:
-        return settings
-    return nest({key: value for key, value in ((k.replace("_", "-"), v) for k, v in settings.items())
-                 if key in KEYS})
+    nested saved one flat field per run-config key (``max_len`` for ``max-len``); they are converted. A
+    setting added since takes the value such runs had (``seen_offset``: False)."""
+    if "data" not in settings:
+        settings = nest({key: value for key, value in ((k.replace("_", "-"), v) for k, v in settings.items())
+                         if key in KEYS})
+    return {**settings, "encoder": {"seen_offset": False, **settings["encoder"]}}
