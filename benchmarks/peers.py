@@ -62,6 +62,8 @@ RECIPES: dict[str, dict] = {
     "label-smoothing": {"label_smoothing": 0.1},
     "dropout-0.5": {"dropout": 0.5},
     "wide": {"d_model": 128, "item_dim": 128},
+    "deep": {"n_layers": 4},
+    "window-stride-25": {"window_stride": 25},  # overlapping windows: each transition twice per epoch
     "public-item-features": {"item_features": "public"},
     "app-width": {"d_model": 32, "item_dim": 16, "item_features": "public", "dropout": 0.1},
     "popularity": {"model": "popularity"},
@@ -217,9 +219,18 @@ def add_ratios(result: dict) -> None:
         if row["kind"] == "peer":
             continue
         row["ratio_to_best_peer"] = {
-            split: {m: row[split][m] / max(p[split][m] for p in peers.values()) for m in METRICS}
+            split: {m: ratio(row[split][m], max(p[split][m] for p in peers.values())) for m in METRICS}
             for split in (key("test", masked) for masked in (False, True)) if split in row}
-        row["time_ratio_to_best_peer"] = row["train_seconds"] / peers[best]["train_seconds"]
+        row["time_ratio_to_best_peer"] = ratio(row["train_seconds"], peers[best]["train_seconds"])
+
+
+def ratio(value: float, reference: float) -> float | None:
+    """value / reference; None (no ratio) when the reference is 0 (e.g. a peer that hit nothing)."""
+    return value / reference if reference > 0 else None
+
+
+def times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
 
 
 def brief(row: dict) -> str:
@@ -245,12 +256,12 @@ def markdown_table(result: dict) -> str:
 
     for name, row in result["models"].items():
         cells = [cell(split, m) for split in ("test", "test_masked") for m in METRICS]
-        ratio = row.get("ratio_to_best_peer", {})
-        ratios = ", ".join(f"{ratio[split][m]:.2f}x" for split in ("test", "test_masked") if split in ratio
+        ratios_of = row.get("ratio_to_best_peer", {})
+        ratios = ", ".join(times(ratios_of[split][m]) for split in ("test", "test_masked") if split in ratios_of
                            for m in HEADLINE)
         budget = ", budget" if row.get("stopped_by_budget") else ""
         epochs = f" ({row['epochs_run']}{budget})" if "epochs_run" in row else ""
-        time_ratio = f"{row['time_ratio_to_best_peer']:.2f}" if "time_ratio_to_best_peer" in row else ""
+        time_ratio = times(row["time_ratio_to_best_peer"]) if "time_ratio_to_best_peer" in row else ""
         lines.append(f"| {label(name, row)} | " + " | ".join(cells) + f" | {cell('val', 'ndcg@10')} | "
                      f"{row['train_seconds']:.0f}{epochs} | {ratios} | {time_ratio} |")
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ imported where it is used, so torch-free commands can write files atomically).""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sys
@@ -32,6 +33,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")
     return resolved
+
+
+def quiet_library_diagnostics() -> None:
+    """Hide third-party import-time diagnostics that are not the run's (torchao's missing CUDA kernels and
+    triton, torch's Enum-registration deprecations) in a Flower app's processes, as the CLI's quiet mode does.
+    Call before torch is imported: torch reads TORCH_LOGS then; an explicit TORCH_LOGS wins."""
+    os.environ.setdefault("TORCH_LOGS", "-torch")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 # Set by the CLI's quiet mode (the default; `-v` leaves it unset): third-party output that bypasses logging
