@@ -36,16 +36,11 @@ from fed_userllm.train.steps import Examples, load_trainable_state, local_train_
 
 @dataclass(frozen=True)
 class SharedUserLLM:
-    """A process's UserLLM, its tokenizer and its trainable tensors as initialised (seeded by ``seed``)."""
+    """A process's UserLLM, its tokenizer and its trainable tensors as initialised (seeded by the run's seed)."""
 
     model: UserLLM
     tokenizer: PreTrainedTokenizerBase
     initial: dict[str, torch.Tensor]
-
-    @property
-    def llm_bytes(self) -> int:
-        """Size of the frozen LLM's parameters as loaded: what the phase never sends."""
-        return sum(p.numel() * p.element_size() for p in self.model.llm.parameters())
 
 
 def shared_userllm(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> SharedUserLLM:

@@ -423,11 +423,11 @@ def _exchange_sizes(phase: Phase, cfg: FederatedConfig, model: torch.nn.Module, 
         phase.name, len(arrays), f"{sum(a.numpy().size for a in arrays.values()):,}", exchanged / 1e6,
         " + cross-attention" if cfg.llm.integration == "xattn" else " + task prompt", cfg.llm.model, frozen / 1e6,
         100 * exchanged / frozen)
-    test_nodes = _sample_nodes(list(range(num_clients)), settings.test_fraction, cfg.runtime.seed, streams.TEST_CLIENTS)
     log(INFO, "fed-userllm: [%s] %d rounds at q=%g (~%.3g clients each), %d local steps of %d examples; "
-        "validation and final test on a fixed sample of %d of the %d clients (llm-eval-fraction=%g; %s)",
+        "validation and final test each on a fixed sample of %d of the %d clients (llm-eval-fraction=%g; %s)",
         phase.name, settings.rounds, settings.fraction_train, settings.fraction_train * num_clients,
-        settings.local_steps, settings.batch_size, len(test_nodes), num_clients, settings.test_fraction,
+        settings.local_steps, settings.batch_size, sample_size(num_clients, settings.test_fraction), num_clients,
+        settings.test_fraction,
         "exact ranking of every title" if cfg.llm.objective == "catalog"
         else "constrained beam search over every title, slow on CPU")
     return {"update_bytes": exchanged, "llm_bytes": frozen}
@@ -468,11 +468,16 @@ def _train_metrics(ok: list[Message]) -> dict:
     return record
 
 
+def sample_size(num_nodes: int, fraction: float) -> int:
+    """How many nodes `_sample_nodes` draws: ``fraction`` of them, at least one (all of them at 1)."""
+    return num_nodes if fraction >= 1 else max(1, round(fraction * num_nodes))
+
+
 def _sample_nodes(nodes: list[int], fraction: float, seed: int, stream: int) -> list[int]:
     """A fixed, seeded sample of ``fraction`` of the nodes (all of them at 1) for an evaluation."""
     if fraction >= 1:
         return nodes
-    k = max(1, round(fraction * len(nodes)))
+    k = sample_size(len(nodes), fraction)
     chosen = np.random.default_rng([seed, stream]).choice(len(nodes), size=k, replace=False)
     return [nodes[i] for i in sorted(chosen)]  # index, never numpy-convert: node ids are unsigned 64-bit
 

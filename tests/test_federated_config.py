@@ -148,3 +148,10 @@ def test_a_run_resumes_with_the_same_settings_saved_in_either_form(tmp_path, fla
     assert resolve_run_dir(FederatedConfig.from_run_config(resumed)).path == (tmp_path / "run").resolve()
     with pytest.raises(ValueError, match=r"other settings \{'llm-lr': \(0.001, 0.002\)\}"):
         resolve_run_dir(FederatedConfig.from_run_config({**resumed, "llm-lr": 0.002}))
+
+
+def test_sample_level_dp_refuses_the_popularity_phase():
+    # its clients send their rated items to the server, which DP-SGD on the clients does not trust
+    with pytest.raises(ValueError, match=r"^dp='sample': expected 'user' or 'none' when phases includes popularity"):
+        FederatedConfig.from_run_config({**BASE, "phases": "popularity,pretrain", "dp": "sample"})
+    assert FederatedConfig.from_run_config({**BASE, "phases": "popularity,pretrain", "dp": "user"}).dp.mode == "user"

@@ -47,7 +47,11 @@ def test_shapes_and_finite_scores(cls):
 
 def test_ar_genre_logits():
     model = tiny(ARUserEncoder).eval()
-    assert model.genre_logits_last(make_batch([4, 2], T=5)).shape == (2, VOCAB["genre"])
+    batch = make_batch([4, 2], T=5)
+    assert model.next_logits(batch, "genre").shape == (2, VOCAB["genre"])
+    both = model.next_scores(batch, ("item", "genre"))  # one pass gives what separate calls give
+    torch.testing.assert_close(both["genre"], model.next_logits(batch, "genre"), rtol=0, atol=0)
+    torch.testing.assert_close(both["item"], model.score_items(batch), rtol=0, atol=0)
     with pytest.raises(ValueError, match="feature='tag'"):
         model.next_logits(make_batch([4, 2], T=5), "tag")
 

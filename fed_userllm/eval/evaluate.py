@@ -26,11 +26,13 @@ def evaluation_sums(model, seq: UserSequences, split: str = "val", users: np.nda
     for lo in tqdm(range(0, len(users), batch_size), desc=f"eval {split}", disable=not progress, leave=False):
         chunk = users[lo:lo + batch_size]
         batch = {k: v.to(device) for k, v in seq.eval_batch(chunk, split).items()}
-        ranks = target_ranks(model.score_items(batch), batch["target_item"], batch["item"] if mask_seen else None)
+        genre_head = hasattr(model, "next_scores") and "genre" in model.config.features  # the AR encoder's
+        scores = model.next_scores(batch, ("item", "genre")) if genre_head else {"item": model.score_items(batch)}
+        ranks = target_ranks(scores["item"], batch["target_item"], batch["item"] if mask_seen else None)
         sums = add_sums(sums, ranking_sums(ranks))
-        if hasattr(model, "genre_logits_last"):
+        if genre_head:
             labels = torch.from_numpy(seq.favorite_genre(chunk, split)).to(device)
-            predicted = model.genre_logits_last(batch)[:, 3:].argmax(1) + 3
+            predicted = scores["genre"][:, 3:].argmax(1) + 3
             sums = add_sums(sums, {"fav_genre": float((predicted == labels).sum())})
     if was_training:
         model.train()

@@ -149,13 +149,19 @@ class ARUserEncoder(Pretrained, nn.Module):
             total = total + weight * row_mean_nll(logits, target, valid, self.config.label_smoothing)
         return total.mean()
 
-    def next_logits(self, batch: dict[str, torch.Tensor], feature: str) -> torch.Tensor:
-        """``feature`` scores [B, vocab_sizes[feature]] for the event after each row's last real event."""
-        if feature not in self.config.features:
-            raise ValueError(f"feature={feature!r}: expected one of the configured {self.config.features}")
+    def next_scores(self, batch: dict[str, torch.Tensor], features: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Per feature, scores [B, vocab_sizes[feature]] for the event after each row's last real event (one
+        pass of the Transformer for all of them)."""
+        for feature in features:
+            if feature not in self.config.features:
+                raise ValueError(f"feature={feature!r}: expected one of the configured {self.config.features}")
         h = self.encode(batch)
         last = h[torch.arange(h.shape[0], device=h.device), last_index(batch["mask"])]
-        return self.next_item_scores(last, batch) if feature == "item" else self.logits(last, feature)
+        return {f: self.next_item_scores(last, batch) if f == "item" else self.logits(last, f) for f in features}
+
+    def next_logits(self, batch: dict[str, torch.Tensor], feature: str) -> torch.Tensor:
+        """``feature`` scores [B, vocab_sizes[feature]] for the event after each row's last real event."""
+        return self.next_scores(batch, (feature,))[feature]
 
     def next_item_scores(self, last: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Item scores [B, vocab] from each row's last-event embedding ``last`` [B, d_model] (computed here or by
@@ -177,7 +183,3 @@ class ARUserEncoder(Pretrained, nn.Module):
     def score_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Next-item scores [B, vocab_sizes['item']] (reserved ids included; the evaluator drops them)."""
         return self.next_logits(batch, "item")
-
-    def genre_logits_last(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Next-genre scores [B, vocab_sizes['genre']] after the last real event (FavGenre probe)."""
-        return self.next_logits(batch, "genre")

@@ -100,7 +100,7 @@ class ContextualizeConfig:
                                  f"== history_len, got {self.text_history_len} and {self.history_len}")
             self.textprompt_config()  # its own checks, before anything is loaded
         elif self.encoder is None:
-            raise ValueError(f"integration={self.integration!r} needs encoder= (a pretraining run directory)")
+            raise ValueError("method='userllm' needs encoder= (a pretraining run directory)")
         else:
             self.userllm_config()  # its own checks, before anything is loaded
 

@@ -21,11 +21,10 @@ from typing import Any
 from fed_userllm.data import DEFAULT_DATASET
 from fed_userllm.data.download import VARIANTS
 from fed_userllm.data.reviews import detect_reviews
-from fed_userllm.settings import ENCODER_NAMES, ITEM_FEATURES
+from fed_userllm.settings import ENCODER_NAMES, INTEGRATION_NAMES, ITEM_FEATURES
 
 PHASE_NAMES = ("pretrain", "contextualize", "popularity")  # the index seeds each phase's noise: append only
 LLM_TASKS = ("nextitem", "favgenre", "reviewg")  # reviewg: an Amazon / Google Local review folder as dataset
-LLM_INTEGRATIONS = ("xattn", "softprompt")
 LLM_OBJECTIVES = ("lm", "catalog")  # see fed_userllm.train.contextualize
 LLM_USER_TOKENS = ("events", "next_item")  # see fed_userllm.models.userllm
 STRATEGIES = ("fedavg", "fedavgm", "fedadam")
@@ -117,7 +116,7 @@ class LLMSettings:
         _require(self, bool(self.model.strip()), "model",
                  "'smollm2' (the embedded SmolLM2-135M-Instruct), an HF id or a path")
         _require(self, self.task in LLM_TASKS, "task", f"one of {LLM_TASKS}")
-        _require(self, self.integration in LLM_INTEGRATIONS, "integration", f"one of {LLM_INTEGRATIONS}")
+        _require(self, self.integration in INTEGRATION_NAMES, "integration", f"one of {INTEGRATION_NAMES}")
         _require(self, self.objective in LLM_OBJECTIVES, "objective", f"one of {LLM_OBJECTIVES}")
         _require(self, self.objective != "catalog" or (self.task, self.integration) == ("nextitem", "xattn"),
                  "objective", "'lm' unless llm-task='nextitem' and llm-integration='xattn' (the catalog objective "
@@ -364,6 +363,9 @@ class FederatedConfig:
                   "popularity before pretrain (its release initializes the encoder's item prior)")
             check(self.encoder.model == "ar", "phases", "no 'popularity' unless model='ar' (whose item scores have "
                   "a per-item bias to initialize)")
+            check(self.dp.mode != "sample", "dp.mode", "'user' or 'none' when phases includes popularity: its "
+                  "clients send their rated items for the server to clip and noise (user-level DP), which DP-SGD on "
+                  "the clients (dp='sample', the server not trusted) does not cover")
         check(self.llm.user_tokens == "events" or self.encoder.model in ("ar", "dual"), "llm.user_tokens",
               "'events' unless model is 'ar' or 'dual' (the encoders with a next-item vector)")
         if "contextualize" not in names:
@@ -456,4 +458,4 @@ def saved_settings(settings: dict) -> dict:
     if "data" not in settings:
         settings = nest({key: value for key, value in ((k.replace("_", "-"), v) for k, v in settings.items())
                          if key in KEYS})
-    return {**settings, "encoder": {"seen_offset": False, **settings["encoder"]}}
+    return {**settings, "encoder": {"seen_offset": False, **settings.get("encoder", {})}}
