@@ -30,9 +30,7 @@ def initial_encoder(cfg: FederatedConfig, vocab_sizes: dict[str, int]) -> torch.
     ``item-features='public'`` every side computes the same frozen item table from the public catalog; only
     the trainable parameters are ever exchanged."""
     torch.manual_seed(cfg.runtime.seed)
-    options = {"seen_offset": cfg.encoder.seen_offset} if cfg.encoder.model == "ar" else {}
-    return build_encoder(cfg.encoder, vocab_sizes, cfg.data.max_len, public_items(cfg.encoder, cfg.data.dataset),
-                         **options)
+    return build_encoder(cfg.encoder, vocab_sizes, cfg.data.max_len, public_items(cfg.encoder, cfg.data.dataset))
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -92,6 +92,13 @@ def global_model(config: dict) -> torch.nn.Module:
     return initial_encoder(cfg, load_data(cfg.data.dataset, cfg.data.max_len).vocab_sizes)
 
 
+@pytest.mark.parametrize("seen_offset", [False, True])
+def test_the_app_encoder_has_the_seen_offset_its_setting_says(tmp_path, seen_offset):
+    model = global_model(run_config(tmp_path, seen_offset=seen_offset))
+    assert model.config.seen_offset is seen_offset
+    assert ("seen.weight" in get_arrays(model)) is seen_offset  # trained and exchanged like the other tensors
+
+
 def train_content(model: torch.nn.Module, noise_multiplier: float = 0.0, delta: float = 1e-3) -> RecordDict:
     return RecordDict({"arrays": get_arrays(model), "config": ConfigRecord(
         {"server-round": 1, "noise-multiplier": noise_multiplier, "delta": delta})})

@@ -23,10 +23,10 @@ def evaluation_sums(model, seq: UserSequences, split: str = "val", users: np.nda
     if hasattr(model, "eval"):
         model.eval()
     sums: dict[str, float] = {}
+    genre_head = hasattr(model, "next_scores") and "genre" in model.config.features  # the AR encoder's
     for lo in tqdm(range(0, len(users), batch_size), desc=f"eval {split}", disable=not progress, leave=False):
         chunk = users[lo:lo + batch_size]
         batch = {k: v.to(device) for k, v in seq.eval_batch(chunk, split).items()}
-        genre_head = hasattr(model, "next_scores") and "genre" in model.config.features  # the AR encoder's
         scores = model.next_scores(batch, ("item", "genre")) if genre_head else {"item": model.score_items(batch)}
         ranks = target_ranks(scores["item"], batch["target_item"], batch["item"] if mask_seen else None)
         sums = add_sums(sums, ranking_sums(ranks))

@@ -28,12 +28,14 @@ def build_encoder(settings: EncoderArchitecture, vocab_sizes: dict[str, int], ma
     windows of ``max_len`` events (plus the target).
 
     ``item_features`` [vocab, dim], the public item table (`public_items`), makes the encoder read and score
-    items through it instead of a learned table. ``options`` are further fields of the encoder's config (e.g.
-    ``seen_offset`` of the AR encoder).
+    items through it instead of a learned table. The AR encoder takes its ``seen_offset`` from ``settings``;
+    ``options`` are further fields of the encoder's config (e.g. ``label_smoothing`` of the AR encoder).
     """
     if settings.model not in ENCODERS:
         raise ValueError(f"model={settings.model!r}: expected one of {sorted(ENCODERS)}")
     model_class, config_class = ENCODERS[settings.model]
+    if settings.model == "ar":
+        options = {"seen_offset": settings.seen_offset, **options}
     public = {} if item_features is None else {"item_features": "public",
                                                 "public_feature_dim": int(item_features.shape[1])}
     config = with_item_dim(config_class(vocab_sizes=vocab_sizes, max_len=max_len + 1,
@@ -64,6 +66,7 @@ class EncoderArchitecture(Protocol):
     item_dim: int
     item_features: str
     item_features_llm: str
+    seen_offset: bool  # the AR encoder's repeat-aware output (the others have none)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

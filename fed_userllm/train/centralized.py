@@ -34,8 +34,7 @@ def build_model(config: PretrainConfig, seq: UserSequences) -> torch.nn.Module:
     """A fresh model of ``config.model`` sized for the dataset's vocabularies and window length."""
     if config.model == "popularity":
         return Popularity(PopularityConfig(vocab_sizes=seq.vocab_sizes))
-    options = {"seen_offset": config.seen_offset, "label_smoothing": config.label_smoothing} \
-        if config.model == "ar" else {}
+    options = {"label_smoothing": config.label_smoothing} if config.model == "ar" else {}
     return build_encoder(config, seq.vocab_sizes, config.max_len, public_items(config, config.dataset), **options)
 
 
