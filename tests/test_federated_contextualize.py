@@ -202,9 +202,16 @@ def test_the_llm_phase_refuses_a_nan_reply_and_its_run_releases_both_models(tmp_
     assert main(["release", str(run_dir), "--out", str(tmp_path / "public")]) == 0
     assert sorted(p.name for p in (tmp_path / "public").iterdir() if p.is_dir()) == ["final", "userllm"]
     phases = empirical_audit(run_dir)  # each phase's canaries live in that phase's exchanged tensors
-    assert [p.phase for p in phases] == ["contextualize", "pretrain"] and not any(p.exceeds_bound for p in phases)
+    assert [(p.phase, p.rounds) for p in phases] == [("contextualize", 1), ("pretrain", 2)]
     assert phases[0].dimension == sum(v.size for v in torch.load(run_dir / "checkpoint.pt",
                                                                  weights_only=False)["arrays"].values())
+    # each estimate sits beside the bound of its own phase's rounds; whether it stays below is a statistical
+    # property, tested in test_empirical where q < 1 leaves a margin (at q = 1 the estimator's target IS the bound)
+    header = json.loads((run_dir / "privacy_ledger.jsonl").read_text().splitlines()[0])
+    sigma, delta = header["noise_multiplier"], header["delta"]
+    assert phases[0].bound_rdp == pytest.approx(epsilon_from_history([(sigma, 1.0, 1)], delta), rel=1e-9)
+    assert phases[1].bound_rdp == pytest.approx(epsilon_from_history([(sigma, 0.5, 2)], delta), rel=1e-9)
+    assert all(np.isfinite([p.estimate.ci_low, p.estimate.ci_high]).all() for p in phases)
 
 
 def test_contextualize_alone_starts_from_the_given_encoder(tmp_path, tiny_llm_dir):
