@@ -124,8 +124,8 @@ def test_booleans_reject_typos_and_verbose_goes_anywhere(capsys):
     [
         (["contextualize", "--out", "OUT", "--encoder", "x", "--encoder-lr", "-1"], "--encoder-lr=-1.0: expected >= 0"),
         (["contextualize", "--out", "OUT", "--encoder", "x", "--user-tokens", "next_item"], "set --no-perceiver"),
-        (["contextualize", "--out", "OUT", "--objective", "catalog", "--task", "favgenre"],
-         "it needs --task='nextitem', --integration='xattn', --text-history-len=0"),
+        (["contextualize", "--out", "OUT", "--objective", "catalog", "--task", "reviewg"],
+         "it needs --task='nextitem' or 'favgenre', --integration='xattn', --text-history-len=0"),
         (["contextualize", "--out", "OUT"], "--method='userllm' needs --encoder= (a pretraining run directory)"),
         (["pretrain", "--out", "OUT", "--epochs", "0"], "--epochs=0: expected >= 1"),
         (["serve", "--model", "x", "--max-batch-size", "0"], "--max-batch-size=0: expected a positive integer"),

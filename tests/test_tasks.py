@@ -2,6 +2,7 @@
 catalog objective (cached text states give the model's exact log P(title | catalog), and train)."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -190,7 +191,7 @@ def test_favgenre_decoding_is_constrained_to_genre_names(seq, tok):
     task = FavGenre(seq, tok)
     model = tiny_userllm(seq, tok, integration="softprompt")
     spans = task.spans(np.arange(10), "test", H)
-    ranked = rank(model, tok, [task.prompt(s, e) for s, e in spans.tolist()], task.trie, 3,
+    ranked = rank(model, tok, [task.prompt(s, e) for s, e in spans.tolist()], task.answer_trie, 3,
                   seq.gather(spans[:, 0], spans[:, 1], H))
     genre_ids = set(task.genre_ids.values())
     assert set(ranked.flatten().tolist()) <= genre_ids
@@ -248,25 +249,26 @@ def test_a_few_steps_reduce_the_task_loss(seq, tok, kind):
 # ---------------------------------------------------------------- the catalog objective
 
 
-def catalog_model(seq, tok, arch="llama", layers=(-1,), strategy="enc", user_tokens="events") -> UserLLM:
+def catalog_model(seq, tok, arch="llama", layers=(-1,), strategy="enc", user_tokens="events",
+                  encoder_prior=False, open_gates=True) -> UserLLM:
     """A two-layer UserLLM with blocks after ``layers`` and open gates, so the user really changes the scores."""
     model = tiny_userllm(seq, tok, arch=arch, xattn_layers=list(layers), strategy=strategy, user_tokens=user_tokens,
-                         perceiver=user_tokens == "events")
+                         perceiver=user_tokens == "events", encoder_prior=encoder_prior)
     with torch.no_grad():
-        for block in model.integration.blocks:
+        for block in model.integration.blocks if open_gates else ():
             block.gate_attn.fill_(0.8)
             block.gate_ff.fill_(-0.5)
     return model.eval()
 
 
-def full_forward_log_probs(model: UserLLM, task: NextItem, spans: np.ndarray) -> torch.Tensor:
-    """log P(target title | catalog) by running the whole model on prompt + title, renormalizing each step's
+def full_forward_log_probs(model: UserLLM, task: NextItem | FavGenre, spans: np.ndarray) -> torch.Tensor:
+    """log P(target answer | catalog) by running the whole model on prompt + answer, renormalizing each step's
     log-probabilities over the tokens the trie allows (what constrained ranking scores)."""
-    trie, tok = task.titles[0], task.tokenizer
+    trie, tok = task.answer_trie, task.tokenizer
     prompt = tok(task.prompt(0, 0))["input_ids"]
     sequences = {items[0]: seq for seq, items in trie.items.items()}
     out = []
-    for (s, e), title in zip(spans.tolist(), task.target_titles(spans).tolist(), strict=True):
+    for (s, e), title in zip(spans.tolist(), task.answer_ids(spans).tolist(), strict=True):
         seq = list(sequences[title])
         user = task.seq.gather(np.array([s]), np.array([e]), H)
         with torch.no_grad():
@@ -279,14 +281,15 @@ def full_forward_log_probs(model: UserLLM, task: NextItem, spans: np.ndarray) ->
     return torch.tensor(out)
 
 
-@pytest.mark.parametrize("arch,user_tokens", [("llama", "events"), ("gpt2", "events"), ("llama", "next_item")])
-def test_cached_scores_equal_the_full_model(seq, tok, arch, user_tokens):
-    task = NextItem(seq, tok)
+@pytest.mark.parametrize("arch,user_tokens,kind", [("llama", "events", NextItem), ("gpt2", "events", NextItem),
+                                                    ("llama", "next_item", NextItem), ("llama", "events", FavGenre)])
+def test_cached_scores_equal_the_full_model(seq, tok, arch, user_tokens, kind):
+    task = kind(seq, tok)
     model = catalog_model(seq, tok, arch, user_tokens=user_tokens)
-    scorer = CatalogScorer(model, task.titles[0], task.prompt(0, 0), tok, batch_size=7)
+    scorer = CatalogScorer(model, task.answer_trie, task.prompt(0, 0), tok, batch_size=7)
     spans = task.spans(np.arange(12), "test", H)
     with torch.no_grad():
-        cached = scorer.log_probs(task.seq.gather(spans[:, 0], spans[:, 1], H), task.target_titles(spans))
+        cached = scorer.log_probs(task.seq.gather(spans[:, 0], spans[:, 1], H), task.answer_ids(spans))
     expected = full_forward_log_probs(model, task, spans)
     torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-4)
     assert (cached < 0).all() and cached.std() > 0.01  # real, user-dependent probabilities
@@ -306,10 +309,11 @@ def test_log_probs_sum_to_one_over_the_catalog(seq, tok):
     assert len(branching_nodes(trie)) < sum(len(s) for s in trie.items)  # only branching nodes are scored
 
 
-@pytest.mark.parametrize("user_tokens", ["events", "next_item"])
-def test_the_catalog_objective_trains_the_block_and_encoder_only(seq, tok, user_tokens):
-    task = NextItem(seq, tok)
-    model = catalog_model(seq, tok, user_tokens=user_tokens)
+@pytest.mark.parametrize("user_tokens,encoder_prior,kind", [("events", False, NextItem), ("next_item", False, NextItem),
+                                                            ("next_item", True, NextItem), ("events", False, FavGenre)])
+def test_the_catalog_objective_trains_the_block_and_encoder_only(seq, tok, user_tokens, encoder_prior, kind):
+    task = kind(seq, tok)
+    model = catalog_model(seq, tok, user_tokens=user_tokens, encoder_prior=encoder_prior)
     frozen = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
     scorer = CatalogScorer.for_task(model, task)
     examples = Examples(task, task.spans(None, "train", H), H, catalog=scorer)
@@ -332,7 +336,7 @@ def test_the_catalog_objective_refuses_models_it_cannot_score(seq, tok):
     with pytest.raises(ValueError, match="strategy='lora'"):
         CatalogScorer(catalog_model(seq, tok, strategy="lora"), trie, prompt, tok)
     with pytest.raises(ValueError, match="objective='catalog'"):
-        ContextualizeConfig(encoder="e", task="favgenre", objective="catalog")
+        ContextualizeConfig(encoder="e", task="reviewg", objective="catalog")
     with pytest.raises(ValueError, match="objective='catalog'"):
         ContextualizeConfig(encoder="e", text_history_len=10, objective="catalog")
 
@@ -358,3 +362,77 @@ def test_exact_ranking_orders_every_title_by_its_log_probability(seq, tok):
         with torch.no_grad():
             expected = titles[scorer.log_probs(one, titles).topk(5).indices]
         assert ranked[row].tolist() == expected.tolist()
+
+
+# ---------------------------------------------------------------- the encoder's prior
+
+
+def encoder_title_probs(model: UserLLM, task: NextItem, users: dict) -> torch.Tensor:
+    """The encoder's next-item probabilities over the items that have a title, summed per title [B, titles]."""
+    titles = task.item_titles
+    with torch.no_grad():
+        p = model.encoder.score_items(users)[:, titles >= 0].double().softmax(-1)
+    return p.new_zeros(len(p), int(titles.max()) + 1).index_add(1, titles[titles >= 0], p)
+
+
+def test_with_the_encoder_prior_and_closed_gates_the_model_is_the_encoder(seq, tok):
+    task = NextItem(seq, tok)
+    model = catalog_model(seq, tok, user_tokens="next_item", encoder_prior=True, open_gates=False)
+    scorer = CatalogScorer.for_task(model, task)
+    spans = task.spans(np.array([2, 7]), "test", H)
+    users = task.seq.gather(spans[:, 0], spans[:, 1], H)
+    expected = encoder_title_probs(model, task, users)
+    titles = torch.arange(expected.shape[1])
+    for row in range(len(spans)):
+        one = {k: v[row:row + 1].expand(len(titles), -1) for k, v in users.items()}
+        with torch.no_grad():
+            got = scorer.log_probs(one, titles).double().exp()
+        torch.testing.assert_close(got, expected[row], rtol=1e-4, atol=1e-7)
+    assert scorer.rank(users, k=1)[:, 0].tolist() == expected.argmax(1).tolist()
+    with pytest.raises(ValueError, match="does not generate"):
+        model.generate(users, torch.tensor([[1, 2], [1, 2]]))
+
+
+def test_with_the_encoder_prior_the_llm_changes_each_branch_by_its_user_logits(seq, tok):
+    """Each branching node: log-softmax over the allowed tokens of (LLM logit with the user - without + the
+    encoder's conditional log-probability), checked against two full forward passes of the model."""
+    task = NextItem(seq, tok)
+    model = catalog_model(seq, tok, user_tokens="next_item", encoder_prior=True)
+    scorer = CatalogScorer.for_task(model, task)
+    trie = task.titles[0]
+    prompt = tok(task.prompt(0, 0))["input_ids"]
+    paths = {items[0]: list(s) for s, items in trie.items.items()}
+    spans = task.spans(np.array([3]), "test", H)
+    user = task.seq.gather(spans[:, 0], spans[:, 1], H)
+    title_p = encoder_title_probs(model, task, user)[0]
+    below = {}  # the encoder's probability of every trie prefix: the sum over the titles that start with it
+    for title, path in paths.items():
+        for k in range(len(path) + 1):
+            below[tuple(path[:k])] = below.get(tuple(path[:k]), 0.0) + float(title_p[title])
+    titles = torch.tensor(sorted(paths))
+    with torch.no_grad():
+        cached = scorer.log_probs({k: v.expand(len(titles), -1) for k, v in user.items()}, titles)
+        for title, got in zip(titles.tolist(), cached.tolist(), strict=True):
+            path = paths[title]
+            ids = torch.tensor([prompt + path[:-1]])
+            with_user = model(user, ids).logits[0, len(prompt) - 1:]
+            with model.base_llm() as llm:
+                without = llm(input_ids=ids).logits[0, len(prompt) - 1:]
+            total = 0.0
+            for k, token in enumerate(path):
+                allowed = trie.allowed(path[:k])
+                prior = torch.tensor([math.log(below[tuple(path[:k] + [t])] / below[tuple(path[:k])])
+                                      for t in allowed])
+                z = with_user[k, allowed] - without[k, allowed] + prior
+                total += z.log_softmax(-1)[allowed.index(token)].item()
+            assert got == pytest.approx(total, abs=1e-4)
+    assert abs(cached.exp().sum().item() - 1.0) < 1e-4
+    assert not torch.allclose(cached.exp().double(), title_p[titles], atol=1e-3)  # the open gates matter
+
+
+def test_the_encoder_prior_needs_the_catalog_objective():
+    with pytest.raises(ValueError, match="objective='catalog'"):
+        ContextualizeConfig(encoder="e", encoder_prior=True)
+    config = ContextualizeConfig(encoder="e", encoder_prior=True, objective="catalog", xattn_layers=[-1],
+                                 user_tokens="next_item", perceiver=False)
+    assert config.userllm_config().encoder_prior

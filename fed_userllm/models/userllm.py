@@ -8,6 +8,11 @@ User tokens: ``events`` projects every event's embedding (the paper; optionally 
 after the last event (one for the AR encoder, k for the dual encoder). A frozen LLM's query barely separates
 50 event tokens, and the prediction the encoder was trained for is one of them, mixed with the other 49.
 
+``encoder_prior`` (NextItem, exact ranking): titles are scored by the encoder's next-item distribution, read
+in the LLM's own title space, changed by what the user tokens change in the LLM's logits (the LLM's logits
+with the user minus without, at each branching node of the title trie). At zero gates the model is exactly
+the encoder, so training can only add what the LLM reads from the user (`fed_userllm.tasks.catalog`).
+
 Training strategies (what is trainable): ``full`` LLM + encoder + projection, ``lora`` LoRA adapters + encoder +
 projection, ``enc`` encoder + projection (LLM frozen; the default), ``proj`` projection only. The integration's
 layers (cross-attention blocks, task prompt) count as projection.
@@ -51,6 +56,7 @@ class UserLLMConfig:
     xattn_ffn: bool = True  # gated feed-forward after each cross-attention
     user_tokens: str = "events"  # events: one per event | next_item: the encoder's next-item vector(s)
     perceiver: bool = True
+    encoder_prior: bool = False  # titles scored as the encoder's distribution + the LLM's user-specific change
     num_latents: int = 16
     perceiver_depth: int = 1
     num_task_prompt_tokens: int = 8  # softprompt only
@@ -104,6 +110,8 @@ class UserLLM(nn.Module):
         if config.user_tokens == "next_item" and getattr(encoder, "next_item_dim", None) is None:
             raise ValueError(f"user_tokens='next_item': {type(encoder).__name__} has no next_item_vectors "
                              "(the AR and dual encoders do)")
+        if config.encoder_prior and not hasattr(encoder, "score_items"):
+            raise ValueError(f"encoder_prior=True: {type(encoder).__name__} has no score_items (next-item scores)")
         d_user = encoder.next_item_dim if config.user_tokens == "next_item" else encoder.state_dim
         integration = INTEGRATIONS[config.integration]
         self.projection = Projection(
@@ -170,6 +178,9 @@ class UserLLM(nn.Module):
         Prompts must be left-padded. A ``prefix_allowed_tokens_fn`` sees only the generated tokens, whatever the
         integration.
         """
+        if self.config.encoder_prior:
+            raise ValueError("this User-LLM scores titles with the encoder's prior (encoder_prior=True): it ranks "
+                             "them exactly (fed_userllm.tasks.catalog.CatalogScorer.rank), it does not generate")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         tokens, user_mask = self.encode_user(batch_user)

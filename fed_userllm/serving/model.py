@@ -155,6 +155,10 @@ class ServedModel:
         if config.method == "textprompt":
             raise ValueError(f"{path}: a TextPrompt baseline (method='textprompt') reads the history as text and "
                              "takes no embeddings: only User-LLM runs can be served")
+        if config.encoder_prior:
+            raise ValueError(f"{path}: this User-LLM ranks titles on the encoder's prior (encoder_prior=True), "
+                             "which needs the encoder's item scores, not the states a phone sends; it cannot be "
+                             "served (rank with `fed-userllm evaluate-llm`)")
         saved = source.folder / ENCODER_DIR  # folders written before every encoder was saved: the encoder run's
         encoder_dir = saved if saved.is_dir() else find_encoder(config.encoder).folder
         encoder = load_pretrained(encoder_dir, "cpu")

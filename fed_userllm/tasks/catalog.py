@@ -13,6 +13,11 @@ call per branching node on the title's path plus a softmax over the node's allow
 pass through the whole LLM. The result is the model's exact score (tested against a full forward pass);
 training on it (``objective="catalog"`` in `fed_userllm.train.contextualize`) affords every training example
 on a CPU, where the token-level LM loss does not, and optimises what the ranking measures.
+
+With the model's ``encoder_prior``, each branching node's logits are the encoder's conditional log-probability
+of the child (its next-item probabilities summed over the titles below that child, divided by the node's) plus
+the block's change of the LLM's logit there (with the user minus without). The conditionals telescope along a
+title's path to the encoder's probability of that title, so at zero gates the scores are exactly the encoder's.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from fed_userllm.eval.ranking import ranking_sums
 from fed_userllm.models.constrained import TitleTrie
 from fed_userllm.models.integrations import CrossAttentionIntegration, decoder_layers
 from fed_userllm.models.userllm import UserLLM
-from fed_userllm.tasks.tasks import NextItem, list_ranks, prompt_cache
+from fed_userllm.tasks.tasks import FavGenre, NextItem, list_ranks, prompt_cache
 
 
 def branching_nodes(trie: TitleTrie) -> dict[tuple[int, ...], list[int]]:
@@ -51,7 +56,10 @@ class CatalogScorer:
     """Cached text states of ``model``'s LLM at the branching nodes of ``trie`` after ``prompt``; scores
     titles for users with ``model``'s cross-attention block (differentiable in the block and the encoder)."""
 
-    def __init__(self, model: UserLLM, trie: TitleTrie, prompt: str, tokenizer, batch_size: int = 64):
+    def __init__(self, model: UserLLM, trie: TitleTrie, prompt: str, tokenizer, batch_size: int = 64,
+                 item_titles: torch.Tensor | None = None):
+        """``item_titles``: the trie's title index of each of the encoder's item ids (-1: none), which the
+        model's ``encoder_prior`` needs (`for_task` gives them)."""
         llm = model.llm
         last = len(decoder_layers(llm)) - 1
         blocks_at = model.integration.at if isinstance(model.integration, CrossAttentionIntegration) else []
@@ -97,11 +105,26 @@ class CatalogScorer:
                 self.path_choice[item, : len(nodes)] = torch.tensor(choices, dtype=torch.long)
                 self.path_mask[item, : len(nodes)] = True
                 self.known[item] = True
+        # the (node, allowed token) pair chosen at each step of each path; padding -> one past the last pair
+        self.path_pair = (self.pair_start[self.path_node] + self.path_choice).masked_fill(~self.path_mask,
+                                                                                         len(self.pair_node))
+
+        self.encoder_prior = model.config.encoder_prior
+        if self.encoder_prior:
+            if item_titles is None:
+                raise ValueError("the model's encoder_prior needs item_titles (CatalogScorer.for_task gives them)")
+            if int(item_titles.max()) >= n_items:
+                raise ValueError(f"item_titles holds title {int(item_titles.max())}; the trie has {n_items}")
+            self.item_titles = item_titles.to(self.states.device)
+            with torch.no_grad():  # the frozen LLM's logit of every pair without the user (the prior's baseline)
+                self.base_logits = self._pair_logits(self.norm(self.states).float())
 
     @classmethod
-    def for_task(cls, model: UserLLM, task: NextItem) -> CatalogScorer:
-        """The scorer of ``task``'s titles after its prompt (the same for every NextItem example)."""
-        return cls(model, task.titles[0], task.prompt(0, 0), task.tokenizer)
+    def for_task(cls, model: UserLLM, task: NextItem | FavGenre) -> CatalogScorer:
+        """The scorer of ``task``'s answers (titles, genre names) after its prompt (the same for every example
+        without a text history)."""
+        return cls(model, task.answer_trie, task.prompt(0, 0), task.tokenizer,
+                   item_titles=task.item_titles if isinstance(task, NextItem) else None)
 
     @torch.no_grad()
     def _states(self, prompt: str, tokenizer, prefixes: list[tuple[int, ...]], index: dict, batch_size: int):
@@ -149,12 +172,40 @@ class CatalogScorer:
         bias = self.head.bias[tokens] if self.head.bias is not None else torch.zeros(len(tokens), device=device)
         return self.head.weight[tokens].float(), bias.float()
 
+    def _pair_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM-head logit of every (node, allowed token) pair from normed states h [nodes, hidden] (float32)."""
+        weight, bias = self._head(h.device)
+        node, column = self.pair_node.to(h.device), self.pair_column.to(h.device)
+        return (h[node] * weight[column]).sum(-1) + bias[column]
+
+    def prior(self, batch_user: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log P_encoder(allowed token | node) of every pair [B, pairs]: the encoder's next-item probabilities
+        summed per title, then per subtree (in float64, so no subtree's mass underflows), differentiable."""
+        device = self.states.device
+        scores = self.model.encoder.score_items(batch_user).double()
+        titled = self.item_titles >= 0
+        p = scores[:, titled].softmax(-1)
+        title_p = p.new_zeros(len(p), len(self.known)).index_add(1, self.item_titles[titled], p)
+        steps = self.path_mask.to(device)
+        titles = torch.arange(len(self.known), device=device)[:, None].expand_as(steps)[steps]
+        pair_p = p.new_zeros(len(p), len(self.pair_node)).index_add(1, self.path_pair.to(device)[steps],
+                                                                     title_p[:, titles])
+        node = self.pair_node.to(device)
+        node_p = p.new_zeros(len(p), len(self.states)).index_add(1, node, pair_p)
+        tiny = torch.finfo(torch.float64).tiny
+        return (pair_p.clamp_min(tiny).log() - node_p[:, node].clamp_min(tiny).log()).float()
+
     def log_probs(self, batch_user: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
         """log P(title of ``items[b]`` | catalog) under the model for user row b: [B], differentiable."""
-        return self.log_probs_given(*self.model.encode_user(batch_user), items)
+        prior = self.prior(batch_user) if self.encoder_prior else None
+        return self.log_probs_given(*self.model.encode_user(batch_user), items, prior)
 
-    def log_probs_given(self, tokens: torch.Tensor, mask: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """log P(title of ``items[b]`` | catalog) given row b's user tokens [B, N, d] and their mask [B, N]."""
+    def log_probs_given(self, tokens: torch.Tensor, mask: torch.Tensor, items: torch.Tensor,
+                        prior: torch.Tensor | None = None) -> torch.Tensor:
+        """log P(title of ``items[b]`` | catalog) given row b's user tokens [B, N, d] and their mask [B, N]
+        (and, with the model's ``encoder_prior``, row b's `prior`)."""
+        if self.encoder_prior and prior is None:
+            raise ValueError("the model's encoder_prior needs prior= (CatalogScorer.prior of the user batch)")
         device = self.states.device
         items = items.to(device)
         if bool((items < 0).any() or (items >= len(self.known)).any()) or not bool(self.known[items].all()):
@@ -167,19 +218,23 @@ class CatalogScorer:
         weight, bias = self._head(device)
         logits = h @ weight.T + bias
         allowed = logits.gather(1, self.allowed.to(device)[node])
+        if prior is not None:  # the LLM's change of each allowed logit, on the encoder's conditional
+            pairs = self.pair_start.to(device)[node][:, None] + torch.arange(allowed.shape[1], device=device)
+            pairs = pairs.clamp_max(len(self.pair_node) - 1)  # past a node's last pair: masked just below
+            allowed = allowed - self.base_logits[pairs] + prior[rows[:, None], pairs]
         allowed = allowed.masked_fill(~self.allowed_mask.to(device)[node], float("-inf")).log_softmax(-1)
         chosen = allowed.gather(1, self.path_choice.to(device)[items[rows], depth][:, None])[:, 0]
         return torch.zeros(len(items), device=device).index_add(0, rows, chosen)
 
     @torch.no_grad()
-    def evaluate(self, task: NextItem, spans, history_len: int, batch_size: int = 32) -> dict[str, float]:
-        """Summed Recall@1/5/10, NDCG@10 and ``n`` of ``spans`` by exact ranking over every title."""
+    def evaluate(self, task: NextItem | FavGenre, spans, history_len: int, batch_size: int = 32) -> dict[str, float]:
+        """Summed Recall@1/5/10, NDCG@10 and ``n`` of ``spans`` by exact ranking over every answer."""
         sums: dict[str, float] = {}
         for lo in range(0, len(spans), batch_size):
             chunk = spans[lo:lo + batch_size]
             user = {k: v.to(self.states.device)
                     for k, v in task.seq.gather(chunk[:, 0], chunk[:, 1], history_len).items()}
-            part = ranking_sums(list_ranks(self.rank(user, 10), task.target_titles(chunk)))
+            part = ranking_sums(list_ranks(self.rank(user, min(10, len(self.known))), task.answer_ids(chunk)))
             sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
         return sums
 
@@ -189,16 +244,16 @@ class CatalogScorer:
         constrained search approximates, at the cost of one cross-attention call per branching node."""
         device = self.states.device
         tokens, mask = self.model.encode_user(batch_user)
-        weight, bias = self._head(device)
-        node, column = self.pair_node.to(device), self.pair_column.to(device)
+        prior = self.prior(batch_user) if self.encoder_prior else None
+        node = self.pair_node.to(device)
         n_nodes = len(self.states)
-        pair = (self.pair_start.to(device)[self.path_node.to(device)] + self.path_choice.to(device))
-        pair = pair.masked_fill(~self.path_mask.to(device), len(node))  # padding -> an extra 0 score
+        pair = self.path_pair.to(device)  # padding -> an extra 0 score
         ranked = []
         for b in range(len(tokens)):
             h = self.model.integration.blocks[0](self.states[None], tokens[b:b + 1], mask[b:b + 1])[0]
-            h = self.norm(h.to(self.states.dtype)).float()
-            logits = (h[node] * weight[column]).sum(-1) + bias[column]
+            logits = self._pair_logits(self.norm(h.to(self.states.dtype)).float())
+            if prior is not None:
+                logits = logits - self.base_logits + prior[b]
             top = torch.full((n_nodes,), float("-inf"), device=device).scatter_reduce(0, node, logits, "amax")
             norm = top + torch.zeros(n_nodes, device=device).index_add(0, node, (logits - top[node]).exp()).log()
             scores = torch.cat([logits - norm[node], logits.new_zeros(1)])[pair].sum(1)

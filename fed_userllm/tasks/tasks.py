@@ -155,6 +155,22 @@ class NextItem(Task):
         group = {r: index[t] for r, t in zip(raw, titles, strict=True)}
         return TitleTrie.from_titles(list(index), self.tokenizer), group
 
+    @property
+    def answer_trie(self) -> TitleTrie:
+        """The names constrained ranking chooses among (the catalog objective scores them exactly)."""
+        return self.titles[0]
+
+    def answer_ids(self, spans: np.ndarray) -> torch.Tensor:
+        """The answer trie's id of each span's target."""
+        return self.target_titles(spans)
+
+    @cached_property
+    def item_titles(self) -> torch.Tensor:
+        """Title index of every item id of the vocabulary (-1 for the reserved ids): the encoder's item space
+        in the trie's title space."""
+        vocab, group = self.seq.vocabs["item"], self.titles[1]
+        return torch.tensor([-1] * NUM_RESERVED + [group[vocab.decode(i)] for i in range(NUM_RESERVED, len(vocab))])
+
     def target_titles(self, spans: np.ndarray) -> torch.Tensor:
         """Title index of each span's target item (-2 when the item is outside the vocabulary: a miss)."""
         group = self.titles[1]
@@ -201,14 +217,18 @@ class FavGenre(Task):
         return self.seq.vocabs["genre"].decode(self.label(start, end))
 
     @cached_property
-    def trie(self) -> TitleTrie:
+    def answer_trie(self) -> TitleTrie:
+        """The genre names, by genre vocabulary id."""
         return TitleTrie.from_titles(list(self.genre_ids), self.tokenizer, list(self.genre_ids.values()))
 
+    def answer_ids(self, spans: np.ndarray) -> torch.Tensor:
+        """Each span's favorite genre (its genre vocabulary id)."""
+        return torch.tensor([self.label(s, e) for s, e in spans.tolist()])
+
     def score(self, model, prompts, spans, batch_user):
-        ranked = rank(model, self.tokenizer, prompts, self.trie, min(self.num_beams, self.trie.num_distinct),
-                      batch_user)
-        labels = torch.tensor([self.label(s, e) for s, e in spans.tolist()])
-        return {"recall@1": float((ranked[:, 0] == labels).sum()), "n": float(len(spans))}
+        trie = self.answer_trie
+        ranked = rank(model, self.tokenizer, prompts, trie, min(self.num_beams, trie.num_distinct), batch_user)
+        return {"recall@1": float((ranked[:, 0] == self.answer_ids(spans)).sum()), "n": float(len(spans))}
 
 
 class ReviewG(Task):

@@ -150,6 +150,12 @@ def evaluate_model(model: nn.Module, task: Task, config: ContextualizeConfig, sp
     """Mean metrics of ``model`` on ``split`` targets of the fixed user subset (``n`` = examples scored)."""
     users = eval_user_subset(task.seq.num_users, config.eval_users if num_users is None else num_users)
     spans = task.spans(users, split, config.history_len)
+    if isinstance(model, UserLLM) and model.config.encoder_prior:  # it ranks exactly; it does not generate
+        was_training = model.training
+        model.eval()
+        sums = CatalogScorer.for_task(model, task).evaluate(task, spans, config.history_len)
+        model.train(was_training)
+        return finalize(sums)
     sums = evaluate(model, task, spans, config.history_len, config.text_history_len, config.eval_batch_size,
                     progress)
     return finalize(sums)

@@ -44,8 +44,11 @@ class ContextualizeConfig:
                                                    "the end (default: every 4th)")
     user_tokens: str = setting("events", "events: one token per event; next_item: the encoder's next-item "
                                          "vector (needs --no-perceiver)", USER_TOKENS)
-    objective: str = setting("lm", "lm: token cross-entropy; catalog: -log P(title | catalog) from cached text "
-                                   "states (nextitem with xattn only)", OBJECTIVES)
+    objective: str = setting("lm", "lm: token cross-entropy; catalog: -log P(answer | catalog) from cached text "
+                                   "states (nextitem or favgenre, xattn only)", OBJECTIVES)
+    encoder_prior: bool = setting(False, "score titles as the encoder's next-item distribution changed by the "
+                                         "LLM's user-specific logits (equals the encoder at zero gates; needs "
+                                         "--objective catalog; ranks exactly, does not generate)")
     history_len: int = setting(50, "events per example (the encoder's input)")
     text_history_len: int = setting(0, "most recent events also written into the prompt (0: User-LLM only)")
     review_field: str = setting("text", "ReviewG target: the review text or (Amazon) its summary",
@@ -74,11 +77,15 @@ class ContextualizeConfig:
             raise ValueError("integration='text': the TextPrompt baseline is method='textprompt' (it has no "
                              "integration)")
         check_choices(self)
-        if self.objective == "catalog" and (self.task, self.integration, self.text_history_len, self.method) != (
-                "nextitem", "xattn", 0, "userllm"):
-            raise ValueError("objective='catalog' scores NextItem titles from cached text states: it needs "
-                             "task='nextitem', integration='xattn', text_history_len=0 of method='userllm' (got "
-                             f"{self.task!r}, {self.integration!r}, {self.text_history_len}, {self.method!r})")
+        if self.objective == "catalog" and (self.task in ("nextitem", "favgenre"), self.integration,
+                                            self.text_history_len, self.method) != (True, "xattn", 0, "userllm"):
+            raise ValueError("objective='catalog' scores NextItem titles or FavGenre names from cached text states: "
+                             "it needs task='nextitem' or 'favgenre', integration='xattn', text_history_len=0 of "
+                             f"method='userllm' (got {self.task!r}, {self.integration!r}, {self.text_history_len}, "
+                             f"{self.method!r})")
+        if self.encoder_prior and (self.objective, self.task) != ("catalog", "nextitem"):
+            raise ValueError("encoder_prior=True scores titles by exact ranking over the catalog: it needs "
+                             f"objective='catalog' and task='nextitem' (got {self.objective!r}, {self.task!r})")
         for name in ("num_latents", "history_len", "steps", "batch_size", "max_target_tokens",
                      "eval_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -110,7 +117,8 @@ class ContextualizeConfig:
 
         return UserLLMConfig(llm=self.llm, integration=self.integration, perceiver=self.perceiver,
                              num_latents=self.num_latents, xattn_layers=self.xattn_layers,
-                             user_tokens=self.user_tokens, strategy=self.strategy)
+                             user_tokens=self.user_tokens, encoder_prior=self.encoder_prior,
+                             strategy=self.strategy)
 
     def textprompt_config(self) -> TextPromptConfig:
         """The TextPrompt settings of this run (imported here: reading the settings needs no torch)."""

@@ -45,7 +45,7 @@ class Examples:
         if self.catalog is None:
             return self.task.batch(spans, self.history_len, self.text_history, self.max_target_tokens)
         return {"user": self.task.seq.gather(spans[:, 0], spans[:, 1], self.history_len),
-                "title": self.task.target_titles(spans)}
+                "title": self.task.answer_ids(spans)}
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         if self.catalog is None:
