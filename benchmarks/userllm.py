@@ -49,7 +49,7 @@ from fed_userllm.models.userllm import UserLLM, UserLLMConfig  # noqa: E402
 from fed_userllm.rundir import RunDir, find_encoder  # noqa: E402
 from fed_userllm.runtime import atomic_write_json, set_threads  # noqa: E402
 from fed_userllm.tasks import FavGenre, NextItem, Task, list_ranks  # noqa: E402
-from fed_userllm.tasks.catalog import CatalogScorer  # noqa: E402
+from fed_userllm.tasks.catalog import CatalogScorer, title_probabilities  # noqa: E402
 from fed_userllm.train.centralized import pretrain  # noqa: E402
 from fed_userllm.train.contextualize import (  # noqa: E402
     contextualize,
@@ -240,12 +240,11 @@ def exact_ranking(model, task: Task, config: ContextualizeConfig) -> dict:
 def encoder_alone(encoder, task: NextItem, spans: np.ndarray, history_len: int) -> dict:
     """The encoder's own top 10 titles: its next-item probabilities summed over the items of each title."""
     titles = task.item_titles
-    titled = titles >= 0
     sums: dict = {}
     for lo in range(0, len(spans), 64):
         chunk = spans[lo:lo + 64]
-        p = encoder.score_items(task.seq.gather(chunk[:, 0], chunk[:, 1], history_len))[:, titled].softmax(-1)
-        title_p = p.new_zeros(len(p), int(titles.max()) + 1).index_add(1, titles[titled], p)
+        scores = encoder.score_items(task.seq.gather(chunk[:, 0], chunk[:, 1], history_len))
+        title_p = title_probabilities(scores, titles, int(titles.max()) + 1)
         part = ranking_sums(list_ranks(title_p.topk(10).indices, task.target_titles(chunk)))
         sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
     return finalize(sums)

@@ -52,6 +52,14 @@ def final_norm(llm: nn.Module) -> nn.Module:
     raise ValueError(f"{type(llm).__name__}: cannot find the final norm (expected base_model.norm / ln_f)")
 
 
+def title_probabilities(item_scores: torch.Tensor, item_titles: torch.Tensor, num_titles: int) -> torch.Tensor:
+    """[B, num_titles]: the softmax of ``item_scores`` [B, items] over the items that have a title
+    (``item_titles`` >= 0), summed per title (items sharing a title share its probability)."""
+    titled = item_titles >= 0
+    p = item_scores[:, titled].softmax(-1)
+    return p.new_zeros(len(p), num_titles).index_add(1, item_titles[titled], p)
+
+
 class CatalogScorer:
     """Cached text states of ``model``'s LLM at the branching nodes of ``trie`` after ``prompt``; scores
     titles for users with ``model``'s cross-attention block (differentiable in the block and the encoder)."""
@@ -182,16 +190,14 @@ class CatalogScorer:
         """log P_encoder(allowed token | node) of every pair [B, pairs]: the encoder's next-item probabilities
         summed per title, then per subtree (in float64, so no subtree's mass underflows), differentiable."""
         device = self.states.device
-        scores = self.model.encoder.score_items(batch_user).double()
-        titled = self.item_titles >= 0
-        p = scores[:, titled].softmax(-1)
-        title_p = p.new_zeros(len(p), len(self.known)).index_add(1, self.item_titles[titled], p)
+        title_p = title_probabilities(self.model.encoder.score_items(batch_user).double(), self.item_titles,
+                                      len(self.known))
         steps = self.path_mask.to(device)
         titles = torch.arange(len(self.known), device=device)[:, None].expand_as(steps)[steps]
-        pair_p = p.new_zeros(len(p), len(self.pair_node)).index_add(1, self.path_pair.to(device)[steps],
+        pair_p = title_p.new_zeros(len(title_p), len(self.pair_node)).index_add(1, self.path_pair.to(device)[steps],
                                                                      title_p[:, titles])
         node = self.pair_node.to(device)
-        node_p = p.new_zeros(len(p), len(self.states)).index_add(1, node, pair_p)
+        node_p = pair_p.new_zeros(len(pair_p), len(self.states)).index_add(1, node, pair_p)
         tiny = torch.finfo(torch.float64).tiny
         return (pair_p.clamp_min(tiny).log() - node_p[:, node].clamp_min(tiny).log()).float()
 
