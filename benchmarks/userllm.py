@@ -4,17 +4,20 @@
 
 Accuracy: NextItem Recall@1/5/10 and FavGenre Recall@1 of User-LLM (Enc strategy: the LLM frozen; cross-
 attention and soft prompt, with and without Perceiver) against the TextPrompt baselines at history 50
-(TP50-LoRA, TP50-full: the LLM fine-tuned on the history written as text), the untrained User-LLM (zero
-gates: exactly the frozen LLM with the same prompt) and popularity; with trainable parameter counts and
-training time. Every method is evaluated on the same fixed random subset of test users (CPU is slow); the
-catalog-objective variants are also ranked exactly on every test user, beside popularity and (NextItem) the
-encoder alone, whose title scores are its next-item probabilities summed per title.
+(TP50-LoRA, TP50-full: the LLM fine-tuned on the history written as text), AR50TP10 (user tokens plus the last
+10 titles as text), the paper's strategies (Full, LoRA, Enc, Proj), the untrained models (User-LLM at zero
+gates, exactly the frozen LLM with its prompt; TP50 before fine-tuning) and popularity; with trainable
+parameter counts and training time. Every method is evaluated on the same fixed random subset of test users
+(CPU is slow); the catalog-objective variants are also ranked exactly on every test user, beside popularity
+and (NextItem) the encoder alone, whose title scores are its next-item probabilities summed per title.
 Efficiency: LLM input tokens per example and measured prefill latency, User-LLM vs TextPrompt, at
 histories of 50, 100 and 200 events.
 
 Without --encoder, an AR encoder is pretrained first (fed_userllm.train.centralized.pretrain). Everything
 runs in one process, one variant after the other, on one copy of the base LLM each. Runs are resumable:
-finished variants (training and test metrics) are reused when the script is run again with the same --out.
+finished variants (training and test metrics) and the cost table are reused when the script is run again with
+the same --out. With --examples every trained variant sees the same number of examples (equal budget; several
+budgets give a learning curve, rows named variant@N).
 --quick is a CPU-sized subset (fewer steps and users; no TP50-full, only the Perceiver User-LLM variants).
 Prints one JSON object and writes userllm.json and userllm.png into --out.
 """
@@ -83,12 +86,18 @@ VARIANTS = {  # name -> ContextualizeConfig fields (User-LLM variants use the En
     "userllm-xattn-prior-proj": dict(integration="xattn", perceiver=False, xattn_layers=[-1], objective="catalog",
                                      user_tokens="next_item", encoder_prior=True, strategy="proj", lr=3e-3,
                                      batch_size=128, max_grad_norm=0),
+    # the paper's strategy table beside Enc (userllm-xattn-perceiver): what else trains with the LM loss
+    "userllm-full": dict(integration="xattn", perceiver=True, strategy="full", lr=1e-4),
+    "userllm-lora": dict(integration="xattn", perceiver=True, strategy="lora", lr=1e-3),
+    "userllm-proj": dict(integration="xattn", perceiver=True, strategy="proj"),
+    # AR50TP10: the encoder's 50 events as user tokens and the last 10 titles as text
+    "ar50tp10": dict(integration="xattn", perceiver=True, text_history_len=10),
     "userllm-softprompt-perceiver": dict(integration="softprompt", perceiver=True),
     "userllm-softprompt": dict(integration="softprompt", perceiver=False),
     "tp50-lora": dict(method="textprompt", strategy="lora", text_history_len=50, lr=1e-3, micro_batch_size=2),
     "tp50-full": dict(method="textprompt", strategy="full", text_history_len=50, lr=1e-4, micro_batch_size=2),
 }
-BASELINES = ("zero-gate", "popularity")
+BASELINES = ("zero-gate", "untrained-tp50", "popularity")  # not trained: one row whatever the budget
 QUICK = dict(eval_users=40, steps=60, fav_steps=30, tp_steps=1, encoder_epochs=3, latency_users=1,
              latency_repeats=2, variants="userllm-xattn-perceiver,zero-gate,popularity,tp50-lora,"
              "userllm-softprompt-perceiver")
@@ -108,6 +117,9 @@ def main() -> None:
     parser.add_argument("--catalog-steps", type=int, default=1550,
                         help="steps of the catalog-objective variants (batch 128: ~2 epochs of ml-latest-small)")
     parser.add_argument("--tp-steps", type=int, default=2, help="training steps of each TextPrompt baseline")
+    parser.add_argument("--examples", default="",
+                        help="equal training budgets, e.g. 16,128: every trained variant sees exactly this many "
+                             "examples, in steps of --batch-size (replaces the step options; rows name@N)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2, help="User-LLM new layers (TP: see VARIANTS)")
     parser.add_argument("--encoder-lr", type=float, default=1e-4, help="User-LLM pretrained encoder")
@@ -131,16 +143,22 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS) - set(BASELINES))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; known: {[*VARIANTS, *BASELINES]}")
+    budgets = [int(n) for n in args.examples.split(",") if n]
+    if any(n < 1 or n % args.batch_size for n in budgets):
+        raise ValueError(f"--examples {args.examples}: expected positive multiples of --batch-size "
+                         f"{args.batch_size}")
     base = load_llm(None, device="cpu")  # loaded once; every model trains on its own copy
     accuracy: dict = {t: {} for t in tasks}
     for name in variants:
         for task in tasks:
             if VARIANTS.get(name, {}).get("user_tokens") == "next_item" and task != "nextitem":
                 continue  # the encoder's next-item vector and its prior are NextItem's
-            print(f"{time.strftime('%H:%M:%S')} {task} {name} ...", flush=True)
-            row = evaluate_variant(task, name, base, args)
-            accuracy[task][name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-            print(f"accuracy {task} {name}: {json.dumps(accuracy[task][name])}", flush=True)
+            for examples in budgets if budgets and name in VARIANTS else [None]:
+                label = name if examples is None else f"{name}@{examples}"
+                print(f"{time.strftime('%H:%M:%S')} {task} {label} ...", flush=True)
+                row = evaluate_variant(task, name, base, args, examples)
+                accuracy[task][label] = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+                print(f"accuracy {task} {label}: {json.dumps(accuracy[task][label])}", flush=True)
     result = {
         "dataset": args.dataset,
         "llm": "SmolLM2-135M-Instruct (embedded GGUF, de-quantized, float32, CPU); frozen except in TP",
@@ -152,7 +170,7 @@ def main() -> None:
         "settings": vars(args),
         "encoder": encoder_results or f"given: {args.encoder}",
         "accuracy": accuracy,
-        "efficiency": efficiency(base, args),
+        "efficiency": cached_efficiency(base, args),
     }
     result["acceptance"] = acceptance(result)
     result["seconds"] = round(time.time() - started, 1)
@@ -162,13 +180,17 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
-def run_config(name: str, task: str, args) -> ContextualizeConfig:
-    """The run settings of a variant; the zero-gate baseline is the untrained xattn + Perceiver model."""
+def run_config(name: str, task: str, args, examples: int | None = None) -> ContextualizeConfig:
+    """The run settings of a variant (at an equal budget: ``examples`` in steps of --batch-size); the
+    zero-gate baseline is the untrained xattn + Perceiver model, untrained-tp50 the untrained TP50-full."""
+    default = VARIANTS["tp50-full" if name == "untrained-tp50" else "userllm-xattn-perceiver"]
     fields = {"strategy": "enc", "lr": args.lr, "encoder_lr": args.encoder_lr, "batch_size": args.batch_size,
-              **VARIANTS.get(name, VARIANTS["userllm-xattn-perceiver"])}
+              **VARIANTS.get(name, default)}
     text = fields.get("method") == "textprompt"
     steps = (args.tp_steps if text else args.catalog_steps if fields.get("objective") == "catalog"
              else args.fav_steps if task == "favgenre" else args.steps)
+    if examples is not None:
+        fields["batch_size"], steps = args.batch_size, examples // args.batch_size
     return ContextualizeConfig(encoder=args.encoder, dataset=args.dataset, task=task, history_len=50,
                                steps=steps, eval_users=args.eval_users, eval_batch_size=4 if text else 16,
                                checkpoint_every=min(steps, 500), device="cpu", **fields)
@@ -198,25 +220,26 @@ def with_stderr(metrics: dict) -> dict:
                       for k in ("recall@1", "recall@5", "recall@10") if k in metrics}
 
 
-def evaluate_variant(task_name: str, name: str, base, args) -> dict:
+def evaluate_variant(task_name: str, name: str, base, args, examples: int | None = None) -> dict:
     out = Path(args.out) / task_name
-    config = run_config(name, task_name, args)
+    config = run_config(name, task_name, args, examples)
     if name == "popularity":
         return with_stderr(popularity(load_task(config, base[1]), config)) | {"trainable_parameters": 0}
-    if name == "zero-gate":
+    if name in ("zero-gate", "untrained-tp50"):  # the base LLM, with the User-LLM prompt or the TP50 one
         model, task = prepare(config, base)
-        metrics, seconds = cached_eval(model, task, config, out / f"zero-gate-eval-{args.eval_users}.json")
+        metrics, seconds = cached_eval(model, task, config, out / f"{name}-eval-{args.eval_users}.json")
         return with_stderr(metrics) | {"trainable_parameters": 0, "eval_seconds": seconds}
+    run = out / (name if examples is None else f"{name}-{examples}ex")
     run_settings = dataclasses.replace(config, eval_users=0)  # evaluated below, on the test split only
-    results = contextualize(run_settings, out / name, resume=True, progress=False, base=base)
+    results = contextualize(run_settings, run, resume=True, progress=False, base=base)
     model, task = prepare(run_settings, base)  # the trained model, rebuilt from the run's final checkpoint
-    state = RunDir(out / name).load_checkpoint(map_location="cpu")
+    state = RunDir(run).load_checkpoint(map_location="cpu")
     load_trainable_state(model, state["trainable"])
     del state
-    metrics, seconds = cached_eval(model, task, config, out / name / f"test-eval-{args.eval_users}.json")
+    metrics, seconds = cached_eval(model, task, config, run / f"test-eval-{args.eval_users}.json")
     row = with_stderr(metrics) | {"trainable_parameters": trainable_parameters(model), "steps": config.steps,
-                                  "lr": config.lr, "train_seconds": results["train_seconds"],
-                                  "eval_seconds": seconds}
+                                  "examples_seen": config.steps * config.batch_size, "lr": config.lr,
+                                  "train_seconds": results["train_seconds"], "eval_seconds": seconds}
     if config.objective == "catalog":
         row["exact_all_users"] = exact_ranking(model.eval(), task, config)
     return row
@@ -272,6 +295,14 @@ def popularity(task: Task, config: ContextualizeConfig) -> dict:
     spans = task.spans(users, "test", config.history_len)
     labels = [task.label(s, e) for s, e in spans.tolist()]
     return {"recall@1": float(np.mean([label == top for label in labels])), "n": float(len(labels))}
+
+
+def cached_efficiency(base, args) -> dict:
+    """The cost table, measured once per --out (delete efficiency.json in it to measure again)."""
+    path = Path(args.out) / "efficiency.json"
+    if not path.exists():
+        atomic_write_json(path, efficiency(base, args))
+    return json.loads(path.read_text())
 
 
 def efficiency(base, args) -> dict:
@@ -358,8 +389,10 @@ def acceptance(result: dict) -> dict:
     fav = result["accuracy"].get("favgenre", {})
     for name in (n for n in fav if n.startswith("userllm")):
         checks[f"favgenre_{name}_recall@1_at_least_0.70"] = fav[name]["recall@1"] >= 0.70
-        for tp in (t for t in ("tp50-lora", "tp50-full") if t in fav):
-            checks[f"favgenre_{name}_at_least_{tp}"] = fav[name]["recall@1"] >= fav[tp]["recall@1"]
+        budget = name.partition("@")[2]  # TP50 at the same training budget, when one was given
+        for tp in (t + (f"@{budget}" if budget else "") for t in ("tp50-lora", "tp50-full")):
+            if tp in fav:
+                checks[f"favgenre_{name}_at_least_{tp}"] = fav[name]["recall@1"] >= fav[tp]["recall@1"]
     ratio = result["efficiency"]["50"]["token_ratio_tp_vs_xattn"]
     return checks | {"tp50_tokens_over_userllm_xattn": ratio, "tp50_uses_10x_more_tokens": ratio >= 10}
 
@@ -369,6 +402,10 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks) + 2, figsize=(6 * len(tasks) + 10, 4.5))
     for ax, task in zip(axes, tasks, strict=False):
         rows = result["accuracy"][task]
+        if len({name.partition("@")[2] for name in rows} - {""}) > 1:  # several budgets: learning curves
+            learning_curves(ax, rows)
+            ax.set_title(f"{task} (test, {result['settings']['eval_users']} users)")
+            continue
         metrics = [m for m in ("recall@1", "recall@5", "recall@10") if all(m in r for r in rows.values())]
         width = 0.8 / len(metrics)
         for j, metric in enumerate(metrics):
@@ -389,6 +426,27 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def learning_curves(ax, rows: dict) -> None:
+    """Recall@1 (FavGenre) or Recall@10 (NextItem) against training examples, ± one standard error; the
+    untrained baselines as horizontal lines."""
+    metric = "recall@10" if all("recall@10" in r for r in rows.values()) else "recall@1"
+    curves: dict = {}
+    for label, row in rows.items():
+        name, _, examples = label.partition("@")
+        if examples:
+            curves.setdefault(name, []).append((int(examples), row[metric], row.get(f"{metric}_stderr", 0.0)))
+        else:
+            ax.axhline(row[metric], linestyle="--", linewidth=1, color="grey")
+            ax.annotate(name, (0.01, row[metric]), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
+    for name, points in curves.items():
+        x, y, err = zip(*sorted(points), strict=True)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training examples seen")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":

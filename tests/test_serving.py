@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -356,6 +357,22 @@ def test_load_and_config_errors_say_what_is_wrong(tmp_path):
         ServedModel.load(tmp_path)
     with pytest.raises(ValueError, match="max_batch_size=0: expected a positive integer"):
         ServingConfig(max_batch_size=0)
+
+
+@pytest.mark.parametrize("changes,error", [
+    (dict(method="textprompt", strategy="lora", text_history_len=MAX_LEN), "only User-LLM runs can be served"),
+    (dict(objective="catalog", xattn_layers=[-1], user_tokens="next_item", perceiver=False, encoder_prior=True),
+     r"encoder_prior=True.*cannot be served"),
+])
+def test_runs_that_take_no_phone_states_are_refused(tmp_path, run_dir, changes, error):
+    """A TextPrompt run reads text, and a User-LLM on the encoder's prior needs the encoder's item scores
+    (the phone sends states): serving either would answer without the user, so loading says why it cannot."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text()) | changes
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=error):
+        ServedModel.load(run, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -335,6 +335,15 @@ def test_the_catalog_objective_refuses_models_it_cannot_score(seq, tok):
         CatalogScorer(catalog_model(seq, tok, layers=(0, 1)), trie, prompt, tok)
     with pytest.raises(ValueError, match="strategy='lora'"):
         CatalogScorer(catalog_model(seq, tok, strategy="lora"), trie, prompt, tok)
+    prior = catalog_model(seq, tok, user_tokens="next_item", encoder_prior=True)
+    with pytest.raises(ValueError, match="encoder_prior needs item_titles"):
+        CatalogScorer(prior, trie, prompt, tok)
+    with pytest.raises(ValueError, match="item_titles holds title"):
+        CatalogScorer(prior, trie, prompt, tok, item_titles=torch.full((seq.vocab_sizes["item"],), 10**6))
+    scorer = CatalogScorer.for_task(prior, task)
+    tokens, mask = prior.encode_user(task.seq.gather(np.array([0]), np.array([5]), H))
+    with pytest.raises(ValueError, match="encoder_prior needs prior="):
+        scorer.log_probs_given(tokens, mask, torch.tensor([1]))
     with pytest.raises(ValueError, match="objective='catalog'"):
         ContextualizeConfig(encoder="e", task="reviewg", objective="catalog")
     with pytest.raises(ValueError, match="objective='catalog'"):
